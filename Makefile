@@ -1,0 +1,27 @@
+# Two entry points a newcomer needs: `make demo` and `make test`. Each creates .venv if it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= demo
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m alexnet.sample --output $(DEMO_DIR)/imagenet-sample --num-classes 10 --train-per-class 60 --val-per-class 12 --seed 0
+	$(PY) pipelines/preprocess.py --input $(DEMO_DIR)/imagenet-sample --output $(DEMO_DIR)/prepared --size 72 --overwrite
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) bench/preprocess_speed.py
+	$(PY) bench/model_speed.py
+
+clean:
+	rm -rf $(DEMO_DIR) mlflow.db mlartifacts mlruns

@@ -1,0 +1,97 @@
+"""The ImageNet tree: class index, the two validation layouts, labels and synset names."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from alexnet.config import UsageError
+
+VAL_SOLUTION_CSV = "LOC_val_solution.csv"
+SYNSET_MAPPING = "LOC_synset_mapping.txt"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What was found under ROOT, checked before any Ray work starts."""
+
+    root: Path
+    wnids: tuple[str, ...]          # all train classes, sorted: the class index
+    val: str | None                 # "folders", "flat" or None (no val/)
+    val_labels: Path | None         # the CSV used for a flat val/
+
+    def class_dirs(self) -> list[Path]:
+        return [self.root / "train" / w for w in self.wnids]
+
+
+def detect_layout(root: Path, output: Path, val_labels: Path | None = None) -> Layout:
+    """Validate ROOT and find its layout; every problem is a one-line UsageError."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"input folder {root} does not exist")
+    train = root / "train"
+    if not train.is_dir():
+        raise UsageError(f"{root} has no train/ folder (expected {train}/<wnid>/*.JPEG)")
+    out, inp = Path(output).resolve(), root.resolve()
+    if out == inp or inp in out.parents:
+        raise UsageError(f"output {output} lies inside the input {root}; choose a folder outside it")
+    wnids = tuple(sorted(e.name for e in os.scandir(train) if e.is_dir()))
+    if not wnids:
+        raise UsageError(f"{train} holds no class folders")
+    empty = [w for w in wnids if not any(e.is_file() for e in os.scandir(train / w))]
+    if empty:
+        shown = ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else "")
+        raise UsageError(f"{len(empty)} empty class folder(s) under {train}: {shown}")
+
+    val_dir = root / "val"
+    if not val_dir.is_dir():
+        if val_labels is not None:
+            raise UsageError(f"--val-labels given but {val_dir} does not exist")
+        return Layout(root, wnids, None, None)
+    has_folders = any(e.is_dir() for e in os.scandir(val_dir))
+    if has_folders and val_labels is None:
+        return Layout(root, wnids, "folders", None)
+    labels = Path(val_labels) if val_labels is not None else root / VAL_SOLUTION_CSV
+    if not labels.is_file():
+        raise UsageError(f"{val_dir} is flat but {labels} is missing; pass --val-labels PATH")
+    read_val_labels(labels)  # fail now, not after the listing, if it is unreadable
+    return Layout(root, wnids, "flat", labels)
+
+
+def read_val_labels(path: Path) -> dict[str, str]:
+    """`ImageId,PredictionString` -> {image id: wnid}; the wnid is PredictionString's first token."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+                raise UsageError(f"{path}: expected the header ImageId,PredictionString")
+            labels = {}
+            for line, row in enumerate(reader, start=2):
+                tokens = (row["PredictionString"] or "").split()
+                if not row["ImageId"] or not tokens:
+                    raise UsageError(f"{path}:{line}: empty ImageId or PredictionString")
+                labels[row["ImageId"]] = tokens[0]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UsageError(f"cannot read validation labels {path}: {err}") from err
+    return labels
+
+
+def read_synset_names(root: Path) -> dict[str, str]:
+    """{wnid: name} from LOC_synset_mapping.txt when present ('n01440764 tench, Tinca tinca')."""
+    path = Path(root) / SYNSET_MAPPING
+    if not path.is_file():
+        return {}
+    names = {}
+    for line in path.read_text().splitlines():
+        wnid, _, name = line.strip().partition(" ")
+        if wnid:
+            names[wnid] = name.strip()
+    return names
+
+
+def list_folder(folder: str) -> list[tuple[str, bool]]:
+    """(name, is_file) of every entry of one folder, sorted; one scandir per class, run in parallel."""
+    with os.scandir(folder) as it:
+        return sorted((e.name, e.is_file()) for e in it)

@@ -1,0 +1,407 @@
+"""ImageNet tree -> Parquet shards + mean image + RGB PCA, on Ray Data, resumable.
+
+1. List every class folder in parallel (one Ray Data task per batch of folders).
+2. Plan: a seeded shuffle of each split, cut into shards by a byte budget; the plan is saved,
+   so a restarted job rebuilds exactly the same shards.
+3. One Ray Data task per unfinished shard decodes, resizes, re-encodes, accumulates the
+   pixel moments, and commits its Parquet file by an atomic rename (the commit marker).
+4. The driver reduces the moments and writes the statistics, rejects and summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import alexnet
+from alexnet.config import PreprocessConfig, UsageError
+from alexnet.imagenet import Layout, detect_layout, list_folder, read_synset_names, read_val_labels
+from alexnet.imaging import BadImage, decode_rgb, encode_jpeg, resize_center_crop
+from alexnet.stats import PixelMoments
+
+SPLITS = ("train", "val")
+WORK_DIR = "_work"          # per-shard results of an unfinished job; removed when it finishes
+MAX_ROW_GROUP_BYTES = 128 << 20
+SHARD_SCHEMA = pa.schema([
+    ("image", pa.binary()),     # JPEG bytes, size x size RGB
+    ("label", pa.int32()),      # index into the sorted train wnids
+    ("wnid", pa.string()),
+    ("path", pa.string()),      # relative to the input root
+])
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------- listing
+
+
+def _list_folders_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
+    """Ray Data task: list a batch of folders; `kind` tells files from stray sub-folders."""
+    out: dict[str, list] = {"split": [], "path": [], "wnid": [], "is_file": []}
+    for split, folder, rel, wnid in zip(batch["split"], batch["folder"], batch["rel"], batch["wnid"]):
+        for name, is_file in list_folder(folder):
+            out["split"].append(split)
+            out["path"].append(f"{rel}/{name}")
+            out["wnid"].append(wnid)
+            out["is_file"].append(is_file)
+    return out
+
+
+def list_files(layout: Layout, cfg: PreprocessConfig) -> tuple[dict[str, pa.Table], list[tuple[str, str]]]:
+    """{split: table(path, label, wnid)} of the files to process, sorted by path, and listing rejects."""
+    import ray
+
+    folders = [("train", f"train/{w}", w) for w in layout.wnids]
+    if layout.val == "folders":
+        folders += [("val", f"val/{e.name}", e.name) for e in os.scandir(layout.root / "val") if e.is_dir()]
+    elif layout.val == "flat":
+        folders.append(("val", "val", ""))
+    items = [{"split": s, "folder": str(layout.root / rel), "rel": rel, "wnid": w} for s, rel, w in folders]
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * cpus)))
+    listed = ds.map_batches(_list_folders_batch, batch_size=8, batch_format="numpy")
+    table = pa.concat_tables([pa.Table.from_pandas(b) if not isinstance(b, pa.Table) else b
+                              for b in ray.get(listed.to_arrow_refs())])
+    table = table.sort_by("path")
+
+    keep_wnids = layout.wnids[: cfg.classes] if cfg.classes else layout.wnids
+    index = {w: i for i, w in enumerate(layout.wnids)}
+    kept = set(keep_wnids)
+    val_labels = read_val_labels(layout.val_labels) if layout.val == "flat" else {}
+
+    rejects: list[tuple[str, str]] = []
+    files: dict[str, pa.Table] = {}
+    for split in SPLITS:
+        cols = table.filter(pc.equal(table["split"], split)).to_pydict()
+        paths, labels, wnids = [], [], []
+        for path, wnid, is_file in zip(cols["path"], cols["wnid"], cols["is_file"]):
+            if split == "val" and layout.val == "flat":
+                wnid = val_labels.get(Path(path).stem)
+                if wnid is None:
+                    if is_file:
+                        rejects.append((path, f"no label for {Path(path).stem} in {layout.val_labels}"))
+                    continue
+            if wnid not in index:
+                rejects.append((path, f"class {wnid} is not among the train classes"))
+                continue
+            if wnid not in kept:
+                continue  # excluded by --classes
+            if not is_file:
+                rejects.append((path, "a folder inside a class folder (nested folders are not read)"))
+                continue
+            paths.append(path), labels.append(index[wnid]), wnids.append(wnid)
+        if cfg.limit:
+            paths, labels, wnids = paths[: cfg.limit], labels[: cfg.limit], wnids[: cfg.limit]
+        files[split] = pa.table({"path": paths, "label": pa.array(labels, pa.int32()), "wnid": wnids})
+    return files, rejects
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _fingerprint(cfg: PreprocessConfig, files: dict[str, pa.Table]) -> str:
+    h = hashlib.sha256()
+    keys = ("size", "quality", "shard_mb", "seed", "limit", "classes", "stats", "draft")
+    h.update(json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True).encode())
+    h.update(str(Path(cfg.input).resolve()).encode())
+    for split in SPLITS:
+        for path, label in zip(files[split]["path"].to_pylist(), files[split]["label"].to_pylist()):
+            h.update(f"{split}\0{path}\0{label}\n".encode())
+    return h.hexdigest()
+
+
+def _estimate_bytes_per_image(root: Path, paths: list[str], cfg: PreprocessConfig) -> float:
+    """Mean stored JPEG size over a seeded sample, to turn --shard-mb into rows per shard."""
+    rng = np.random.default_rng(cfg.seed)
+    sizes = []
+    for i in rng.permutation(len(paths))[:16]:
+        try:
+            pixels = resize_center_crop(decode_rgb((root / paths[i]).read_bytes(), cfg.size, cfg.draft), cfg.size)
+            sizes.append(len(encode_jpeg(pixels, cfg.quality)))
+        except (BadImage, OSError):
+            continue
+    return float(np.mean(sizes)) if sizes else 0.4 * cfg.size * cfg.size
+
+
+def make_plan(cfg: PreprocessConfig, files: dict[str, pa.Table], cpus: int) -> dict:
+    """Shards as lists of row indices into `files`, in a seeded shuffled order."""
+    total = sum(t.num_rows for t in files.values())
+    est = _estimate_bytes_per_image(Path(cfg.input), files["train"]["path"].to_pylist(), cfg)
+    rows_by_budget = max(1, int(cfg.shard_mb * (1 << 20) / est))
+    # Enough shards to keep every CPU busy on small inputs; the byte budget rules on large ones.
+    rows_per_shard = max(1, min(rows_by_budget, math.ceil(total / (2 * cpus))))
+    shards = []
+    for k, split in enumerate(SPLITS):
+        order = np.random.default_rng([cfg.seed, k]).permutation(files[split].num_rows)
+        for i, start in enumerate(range(0, len(order), rows_per_shard)):
+            shards.append({"split": split, "shard": i, "rows": order[start:start + rows_per_shard].tolist()})
+    return {"rows_per_shard": rows_per_shard, "bytes_per_image_estimate": est, "shards": shards}
+
+
+def shard_name(split: str, shard: int) -> str:
+    return f"{split}/part-{shard:05d}.parquet"
+
+
+# ---------------------------------------------------------------- per-shard work
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def process_shard_per_worker(row: dict, *, root: str, out: str, size: int, quality: int,
+                             draft: bool, stats: bool) -> dict:
+    """Ray Data task: one shard's files -> one committed Parquet file + its moments and rejects."""
+    start = time.perf_counter()
+    split, shard = str(row["split"]), int(row["shard"])
+    moments = PixelMoments.zeros(size) if stats and split == "train" else None
+    columns: dict[str, list] = {"image": [], "label": [], "wnid": [], "path": []}
+    rejects = []
+    for path, label, wnid in zip(row["paths"], row["labels"], row["wnids"]):
+        try:
+            data = (Path(root) / path).read_bytes()
+            pixels = resize_center_crop(decode_rgb(data, size, draft), size)
+        except BadImage as err:
+            rejects.append([str(path), str(err)])
+            continue
+        except OSError as err:
+            rejects.append([str(path), f"unreadable: {err.strerror or err}"])
+            continue
+        columns["image"].append(encode_jpeg(pixels, quality))
+        columns["label"].append(int(label))
+        columns["wnid"].append(str(wnid))
+        columns["path"].append(str(path))
+        if moments is not None:
+            moments.add(pixels)
+
+    table = pa.table(columns, schema=SHARD_SCHEMA)
+    image_bytes = sum(len(b) for b in columns["image"])
+    groups = max(1, math.ceil(image_bytes / MAX_ROW_GROUP_BYTES))
+    work = Path(out) / WORK_DIR
+    result = {"split": split, "shard": shard, "rows": table.num_rows, "bytes": image_bytes,
+              "rejects": rejects, "seconds": time.perf_counter() - start}
+    # Side files first, the Parquet rename last: a shard counts as done only once it is visible.
+    if moments is not None:
+        _atomic_write(work / f"{split}-{shard:05d}.npz", moments.save)
+    _atomic_write(work / f"{split}-{shard:05d}.json", lambda p: p.write_text(json.dumps(result)))
+    _atomic_write(Path(out) / shard_name(split, shard), lambda p: pq.write_table(
+        table, p, row_group_size=max(1, math.ceil(table.num_rows / groups)),
+        compression={"image": "none", "label": "zstd", "wnid": "zstd", "path": "zstd"},
+        use_dictionary=["wnid"]))
+    return {"split": split, "shard": shard, "rows": table.num_rows, "rejects": len(rejects),
+            "seconds": result["seconds"]}
+
+
+def _shard_done(out: Path, split: str, shard: int) -> bool:
+    return (out / shard_name(split, shard)).is_file() and (out / WORK_DIR / f"{split}-{shard:05d}.json").is_file()
+
+
+# ---------------------------------------------------------------- the job
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse to touch a finished or foreign folder unless --overwrite; clean stale temporaries."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a folder")
+    ours = (out / "summary.json").exists() or (out / WORK_DIR).is_dir()
+    if out.is_dir() and any(out.iterdir()):
+        if overwrite:
+            if not ours:
+                raise UsageError(f"--overwrite refuses to delete {out}: it is not a preprocessing output")
+            shutil.rmtree(out)
+        elif (out / "summary.json").exists():
+            raise UsageError(f"{out} holds a finished preprocessing output; pass --overwrite to redo it")
+        elif not ours:
+            raise UsageError(f"output folder {out} is not empty and not a preprocessing output")
+    for sub in ("train", "val", WORK_DIR):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for tmp in (out / sub).glob(".*.tmp"):
+            tmp.unlink()
+
+
+def connect_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def run_preprocess(cfg: PreprocessConfig, log: Log = print) -> dict:
+    """The whole job; returns the summary also written to OUT/summary.json."""
+    from alexnet.tracking import check_tracking_uri, resolve_tracking_uri
+
+    started = time.perf_counter()
+    out = Path(cfg.output)
+    layout = detect_layout(Path(cfg.input), out, cfg.val_labels)
+    tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
+    check_tracking_uri(tracking_uri)
+    prepare_output(out, cfg.overwrite)
+
+    import ray
+
+    connect_ray(cfg.address)
+    files, listing_rejects = list_files(layout, cfg)
+    if files["train"].num_rows == 0:
+        raise UsageError("no training files left after --classes/--limit")
+    log(f"listed {sum(t.num_rows for t in files.values()):,} files in {len(layout.wnids)} classes "
+        f"(val layout: {layout.val or 'none'}) in {time.perf_counter() - started:.1f}s")
+
+    fingerprint = _fingerprint(cfg, files)
+    plan_path = out / WORK_DIR / "plan.json"
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        if plan["fingerprint"] != fingerprint:
+            raise UsageError(f"{out} holds an unfinished job with other arguments or input files; "
+                             "rerun it with the same arguments, or pass --overwrite")
+        log(f"resuming: {sum(_shard_done(out, s['split'], s['shard']) for s in plan['shards'])} "
+            f"of {len(plan['shards'])} shards already written")
+    else:
+        plan = make_plan(cfg, files, max(1, int(ray.cluster_resources().get("CPU", 1))))
+        plan["fingerprint"] = fingerprint
+        _atomic_write(plan_path, lambda p: p.write_text(json.dumps(plan)))
+
+    todo = [s for s in plan["shards"] if not _shard_done(out, s["split"], s["shard"])]
+    items = []
+    for s in todo:
+        t = files[s["split"]].take(s["rows"])
+        items.append({"split": s["split"], "shard": s["shard"], "paths": t["path"].to_pylist(),
+                      "labels": t["label"].to_pylist(), "wnids": t["wnid"].to_pylist()})
+    _run_shards(items, cfg, out, log)
+    summary = _finish(cfg, layout, files, listing_rejects, plan, out, tracking_uri, started, log)
+    return summary
+
+
+def _run_shards(items: list[dict], cfg: PreprocessConfig, out: Path, log: Log) -> None:
+    import ray
+
+    if not items:
+        return
+    total_files = sum(len(i["paths"]) for i in items)
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+        process_shard_per_worker,
+        fn_kwargs={"root": str(Path(cfg.input).resolve()), "out": str(out.resolve()), "size": cfg.size,
+                   "quality": cfg.quality, "draft": cfg.draft, "stats": cfg.stats},
+        num_cpus=1)
+    start, files_done, shards_done, last_log = time.perf_counter(), 0, 0, 0.0
+    for result in ds.iter_rows():
+        shards_done += 1
+        files_done += result["rows"] + result["rejects"]
+        now = time.perf_counter() - start
+        if now - last_log >= 2.0 or shards_done == len(items):
+            rate = files_done / max(now, 1e-9)
+            eta = (total_files - files_done) / max(rate, 1e-9)
+            log(f"  shards {shards_done}/{len(items)}  files {files_done:,}/{total_files:,}  "
+                f"{rate:,.0f} img/s  eta {eta:,.0f}s")
+            last_log = now
+
+
+def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], listing_rejects: list,
+            plan: dict, out: Path, tracking_uri: str, started: float, log: Log) -> dict:
+    from alexnet import tracking
+    from alexnet.visualize import image_to_png
+
+    work = out / WORK_DIR
+    rows = {s: 0 for s in SPLITS}
+    rejects_by_split = {s: [] for s in SPLITS}
+    moments = PixelMoments.zeros(cfg.size) if cfg.stats else None
+    for s in plan["shards"]:
+        result = json.loads((work / f"{s['split']}-{s['shard']:05d}.json").read_text())
+        rows[s["split"]] += result["rows"]
+        rejects_by_split[s["split"]] += [tuple(r) for r in result["rejects"]]
+        if moments is not None and s["split"] == "train":
+            moments.merge(PixelMoments.load(work / f"train-{s['shard']:05d}.npz"))
+    for path, reason in listing_rejects:
+        rejects_by_split["train" if path.startswith("train/") else "val"].append((path, reason))
+
+    found = {s: files[s].num_rows + sum(1 for p, _ in listing_rejects if p.split("/")[0] == s) for s in SPLITS}
+    for s in SPLITS:
+        if found[s] != rows[s] + len(rejects_by_split[s]):
+            raise RuntimeError(f"{s}: {found[s]} files found but {rows[s]} rows + "
+                               f"{len(rejects_by_split[s])} rejects: shards are inconsistent")
+    if rows["train"] == 0:
+        raise RuntimeError("every training file was rejected; see the reasons above")
+
+    names = read_synset_names(layout.root)
+    keep = layout.wnids[: cfg.classes] if cfg.classes else layout.wnids
+    outputs = {"classes.json": json.dumps({"classes": [{"index": i, "wnid": w, "name": names.get(w)}
+                                                       for i, w in enumerate(keep)]}, indent=1)}
+    all_rejects = sorted(r for s in SPLITS for r in rejects_by_split[s])
+    outputs["rejects.csv"] = "path,reason\n" + "".join(
+        f"{_csv_field(p)},{_csv_field(r)}\n" for p, r in all_rejects)
+    for name, text in outputs.items():
+        _atomic_write(out / name, lambda p, text=text: p.write_text(text))
+    artifacts = [out / n for n in outputs]
+    if moments is not None:
+        mean = moments.mean_image()
+        _atomic_write(out / "mean_image.npy", lambda p: _save_npy(p, mean))
+        _atomic_write(out / "pca.json", lambda p: p.write_text(json.dumps(moments.pca(), indent=1)))
+        _atomic_write(out / "mean_image.png", lambda p: image_to_png(np.rint(mean).astype(np.uint8), p))
+        artifacts += [out / "mean_image.npy", out / "pca.json", out / "mean_image.png"]
+
+    seconds = time.perf_counter() - started
+    written = rows["train"] + rows["val"]
+    summary = {
+        "version": alexnet.__version__,
+        "config": cfg.to_dict(),
+        "val_layout": layout.val,
+        "files_found": found,
+        "rows_written": rows,
+        "rejects": {s: len(rejects_by_split[s]) for s in SPLITS},
+        "shards": {s: sum(1 for x in plan["shards"] if x["split"] == s) for s in SPLITS},
+        "rows_per_shard": plan["rows_per_shard"],
+        "num_classes": len(keep),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(written / seconds, 2),
+    }
+    with tracking.start_run(tracking_uri, cfg.experiment, cfg.run_name, tags={"stage": "preprocess"}) as run:
+        tracking.log_params(cfg.to_dict())
+        import mlflow
+
+        metrics = {f"{k}/{s}": summary[k][s] for k in ("files_found", "rows_written", "rejects") for s in SPLITS}
+        mlflow.log_metrics(metrics | {"seconds": seconds, "images_per_s": summary["images_per_s"]})
+        tracking.log_artifacts(artifacts, artifact_path="preprocess")
+        mlflow.log_dict(summary, "preprocess/summary.json")
+        summary["mlflow_run_id"] = run.info.run_id
+    _atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+    shutil.rmtree(work, ignore_errors=True)
+    for r in all_rejects:
+        log(f"  rejected {r[0]}: {r[1]}")
+    return summary
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to a name
+        np.save(f, array)
+
+
+def _csv_field(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'split':<6} {'files found':>12} {'rows written':>13} {'rejects':>8} {'shards':>7}"]
+    for s in SPLITS:
+        lines.append(f"{s:<6} {summary['files_found'][s]:>12,} {summary['rows_written'][s]:>13,} "
+                     f"{summary['rejects'][s]:>8,} {summary['shards'][s]:>7}")
+    lines.append(f"{summary['seconds']:.1f}s, {summary['images_per_s']:,.1f} images/s, "
+                 f"{summary['num_classes']} classes, MLflow run {summary.get('mlflow_run_id')}")
+    return "\n".join(lines)
