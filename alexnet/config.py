@@ -84,7 +84,9 @@ class ConfigBase:
     def parse_args(cls: type[C], argv: Sequence[str] | None = None, **kwargs: Any) -> C:
         """Parse argv into a validated config: YAML defaults first, explicit flags win."""
         parser = cls.arg_parser(**kwargs)
-        pre, _ = parser.parse_known_args(argv)
+        pre_parser = argparse.ArgumentParser(add_help=False)
+        pre_parser.add_argument("--config", type=Path)
+        pre, _ = pre_parser.parse_known_args(argv)
         if pre.config is not None:
             defaults = load_yaml_mapping(pre.config)
             known = {f.name for f in dataclasses.fields(cls)}

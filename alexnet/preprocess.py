@@ -146,8 +146,9 @@ def make_plan(cfg: PreprocessConfig, files: dict[str, pa.Table], cpus: int) -> d
     shards = []
     for k, split in enumerate(SPLITS):
         order = np.random.default_rng([cfg.seed, k]).permutation(files[split].num_rows)
-        for i, start in enumerate(range(0, len(order), rows_per_shard)):
-            shards.append({"split": split, "shard": i, "rows": order[start:start + rows_per_shard].tolist()})
+        # Equal shards of at most rows_per_shard rows: no small tail shard.
+        for i, rows in enumerate(np.array_split(order, math.ceil(len(order) / rows_per_shard))):
+            shards.append({"split": split, "shard": i, "rows": rows.tolist()})
     return {"rows_per_shard": rows_per_shard, "bytes_per_image_estimate": est, "shards": shards}
 
 

@@ -65,7 +65,8 @@ def _render(cls: int, num_classes: int, rng: np.random.Generator, cfg: SampleCon
     if rng.random() < 0.5:
         w, h = h, w
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    background = rng.uniform(60, 190) + rng.normal(0, 25, size=(h, w, 3))
+    # Photo-like noise: mostly luminance, a little chroma.
+    background = rng.uniform(60, 190) + rng.normal(0, 20, size=(h, w, 1)) + rng.normal(0, 4, size=(h, w, 3))
     # The blob sits near the centre and is big enough to survive the central crop.
     m = min(w, h)
     cx, cy = w / 2 + rng.uniform(-0.1, 0.1) * m, h / 2 + rng.uniform(-0.1, 0.1) * m
@@ -78,7 +79,7 @@ def _render(cls: int, num_classes: int, rng: np.random.Generator, cfg: SampleCon
     waves = {0: np.ones_like(xx), 1: np.sin(xx / period * np.pi), 2: np.sin(yy / period * np.pi),
              3: np.sin(xx / period * np.pi) * np.sin(yy / period * np.pi)}[pattern]
     shade = 0.65 + 0.35 * np.sign(waves)[..., None]
-    image = np.where(inside[..., None], colour * shade + rng.normal(0, 8, size=(h, w, 3)), background)
+    image = np.where(inside[..., None], colour * shade + rng.normal(0, 8, size=(h, w, 1)), background)
     return np.clip(image, 0, 255).astype(np.uint8)
 
 

@@ -13,43 +13,41 @@ from pathlib import Path
 import numpy as np
 
 
+_PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+
+
 @dataclass
 class PixelMoments:
-    """Sum image, RGB sums and RGB cross-products of a set of (S, S, 3) uint8 images."""
+    """Sum image and RGB cross-products of a set of (S, S, 3) uint8 images."""
 
-    sum_image: np.ndarray       # (S, S, 3) int64
-    rgb_sum: np.ndarray         # (3,) int64
-    rgb_outer: np.ndarray       # (3, 3) int64: sum of x x^T over all pixels
+    sum_image: np.ndarray       # (S, S, 3): uint32 within a shard (< 16.8 M images), int64 once merged
+    rgb_outer: np.ndarray       # (3, 3) uint64: sum of x x^T over all pixels
     images: int = 0
 
     @classmethod
     def zeros(cls, size: int) -> "PixelMoments":
-        return cls(np.zeros((size, size, 3), np.int64), np.zeros(3, np.int64), np.zeros((3, 3), np.int64))
+        return cls(np.zeros((size, size, 3), np.uint32), np.zeros((3, 3), np.uint64))
 
     def add(self, pixels: np.ndarray) -> None:
-        self.sum_image += pixels
-        flat = pixels.reshape(-1, 3)
-        self.rgb_sum += flat.sum(axis=0, dtype=np.int64)
-        # Each entry is < 255^2 * S^2 < 2^53, so the float64 product is exact before the cast.
-        as_float = flat.astype(np.float64)
-        self.rgb_outer += np.rint(as_float.T @ as_float).astype(np.int64)
+        np.add(self.sum_image, pixels, out=self.sum_image)
+        planes = pixels.reshape(-1, 3).T.astype(np.uint64)  # integer dot products: exact, and BLAS-free
+        for i, j in _PAIRS:
+            self.rgb_outer[i, j] += np.dot(planes[i], planes[j])
         self.images += 1
 
     def merge(self, other: "PixelMoments") -> None:
-        self.sum_image += other.sum_image
-        self.rgb_sum += other.rgb_sum
+        self.sum_image = self.sum_image.astype(np.int64) + other.sum_image
         self.rgb_outer += other.rgb_outer
         self.images += other.images
 
     def save(self, path: Path) -> None:
         with open(path, "wb") as f:
-            np.savez(f, sum_image=self.sum_image, rgb_sum=self.rgb_sum, rgb_outer=self.rgb_outer,
-                     images=np.int64(self.images))
+            np.savez(f, sum_image=self.sum_image, rgb_outer=self.rgb_outer, images=np.int64(self.images))
 
     @classmethod
     def load(cls, path: Path) -> "PixelMoments":
         with np.load(path) as z:
-            return cls(z["sum_image"], z["rgb_sum"], z["rgb_outer"], int(z["images"]))
+            return cls(z["sum_image"], z["rgb_outer"], int(z["images"]))
 
     @property
     def pixels(self) -> int:
@@ -62,8 +60,10 @@ class PixelMoments:
     def pca(self) -> dict:
         """PCA of RGB values scaled to [0, 1], the scale the paper's colour augmentation uses."""
         n = self.pixels
-        mean = self.rgb_sum / n / 255.0
-        cov = self.rgb_outer / n / 255.0**2 - np.outer(mean, mean)
+        mean = self.sum_image.sum(axis=(0, 1), dtype=np.int64) / n / 255.0
+        upper = np.triu(self.rgb_outer.astype(np.float64))
+        second = upper + np.triu(upper, 1).T
+        cov = second / n / 255.0**2 - np.outer(mean, mean)
         eigenvalues, eigenvectors = np.linalg.eigh(cov)
         order = np.argsort(eigenvalues)[::-1]
         eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]

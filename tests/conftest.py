@@ -1,0 +1,61 @@
+"""Shared fixtures: one local Ray instance, one SQLite MLflow store and one sample tree per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from alexnet.config import PreprocessConfig
+from alexnet.sample import SampleConfig, make_sample
+
+SAMPLE = dict(num_classes=4, train_per_class=16, val_per_class=4, seed=7, broken=4)
+PREPARED_SIZE = 72
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray instance shared by every integration test (start-up costs seconds)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+@pytest.fixture(scope="session")
+def sample_tree(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("imagenet") / "root"
+    return root, make_sample(SampleConfig(output=root, **SAMPLE))
+
+
+@pytest.fixture(scope="session")
+def prepared(sample_tree, ray_cluster, mlflow_uri, tmp_path_factory) -> tuple[Path, dict]:
+    """The sample tree preprocessed once at 72 px; read-only for the tests that use it."""
+    from alexnet.preprocess import run_preprocess
+
+    out = tmp_path_factory.mktemp("prepared") / "out"
+    cfg = PreprocessConfig(input=sample_tree[0], output=out, size=PREPARED_SIZE, tracking_uri=mlflow_uri)
+    return out, run_preprocess(cfg, log=lambda _: None)

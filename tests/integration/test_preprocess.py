@@ -1,0 +1,199 @@
+"""pipelines/preprocess.py end to end on the generated sample, on the shared local Ray instance."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from alexnet.config import PreprocessConfig
+from alexnet.imaging import decode_jpeg
+from alexnet.preprocess import run_preprocess
+from alexnet.sample import SampleConfig, make_sample
+from pipelines import preprocess as cli
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _rows(out: Path, split: str):
+    return pq.read_table(out / split).to_pydict()
+
+
+def test_counts_reconcile_and_every_valid_file_is_kept(prepared, sample_tree):
+    out, summary = prepared
+    root, manifest = sample_tree
+    for split in ("train", "val"):
+        assert summary["files_found"][split] == summary["rows_written"][split] + summary["rejects"][split]
+    assert summary["files_found"]["train"] == manifest["train"]
+    rejects = {r["path"]: r["reason"] for r in csv.DictReader(open(out / "rejects.csv"))}
+    assert set(rejects) == set(manifest["broken"])
+    assert all(reason for reason in rejects.values())
+    train = _rows(out, "train")
+    assert set(manifest["quirks"]) <= set(train["path"])  # CMYK, grey, PNG-as-JPEG, 16-bit: all kept
+    good = {str(p.relative_to(root)) for p in (root / "train").rglob("*") if p.is_file()} - set(manifest["broken"])
+    assert sorted(train["path"]) == sorted(good)
+
+
+def test_shards_are_plain_parquet_with_the_promised_columns(prepared):
+    out, summary = prepared
+    classes = json.loads((out / "classes.json").read_text())["classes"]
+    wnids = [c["wnid"] for c in classes]
+    assert wnids == sorted(wnids) and classes[0]["name"] == "sample class 0"
+    for shard in sorted((out / "train").glob("*.parquet")):
+        table = pq.read_table(shard)
+        assert table.schema.names == ["image", "label", "wnid", "path"]
+        assert str(table.schema.field("label").type) == "int32"
+        rows = table.to_pydict()
+        assert all(wnids[label] == w for label, w in zip(rows["label"], rows["wnid"]))
+        assert len(set(rows["label"])) > 1  # a seeded shuffle: every shard mixes classes
+        assert Image.open(io.BytesIO(rows["image"][0])).size == (72, 72)
+
+
+def test_val_labels_come_from_the_solution_csv(prepared, sample_tree):
+    out, _ = prepared
+    root, _ = sample_tree
+    truth = {r["ImageId"]: r["PredictionString"].split()[0] for r in csv.DictReader(open(root / "LOC_val_solution.csv"))}
+    val = _rows(out, "val")
+    assert len(val["path"]) == len(truth) - 1  # one broken val file
+    assert all(truth[Path(p).stem] == w for p, w in zip(val["path"], val["wnid"]))
+
+
+def test_statistics_equal_numpy_over_the_stored_pixels(prepared):
+    out, _ = prepared
+    pixels = np.stack([decode_jpeg(b) for b in _rows(out, "train")["image"]]).astype(np.float64)
+    mean_image = np.load(out / "mean_image.npy")
+    assert mean_image.shape == (72, 72, 3) and mean_image.dtype == np.float32
+    assert np.abs(mean_image - pixels.mean(axis=0)).mean() < 0.5
+    x = pixels.reshape(-1, 3) / 255.0
+    vals, vecs = np.linalg.eigh(np.cov(x, rowvar=False, bias=True))
+    pca = json.loads((out / "pca.json").read_text())
+    ours = np.asarray(pca["eigenvectors"])
+    for i, j in enumerate([2, 1, 0]):  # eigh is ascending, ours descending
+        assert abs(abs(ours[:, i] @ vecs[:, j]) - 1) < 0.01 or np.abs(np.abs(ours[:, i]) - np.abs(vecs[:, j])).max() < 0.01
+    # JPEG removes some pixel noise, so small eigenvalues shrink a little; bound them by the largest
+    np.testing.assert_allclose(pca["eigenvalues"], vals[::-1], atol=0.05 * vals.max())
+    assert pca["pixel_count"] == len(pixels) * 72 * 72
+
+
+def test_mlflow_holds_the_run_with_its_artifacts(prepared, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    _, summary = prepared
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["size"] == "72"
+    assert run.data.metrics["rows_written/train"] == summary["rows_written"]["train"]
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "preprocess")}
+    assert {"preprocess/mean_image.png", "preprocess/pca.json", "preprocess/rejects.csv"} <= names
+
+
+def test_folder_val_layout_classes_and_limit(tmp_path, ray_cluster, mlflow_uri):
+    root = tmp_path / "root"
+    make_sample(SampleConfig(output=root, num_classes=3, train_per_class=6, val_per_class=3, val_layout="folders",
+                             quirks=False))
+    out = tmp_path / "out"
+    rc = cli.main(["--input", str(root), "--output", str(out), "--size", "32", "--classes", "2", "--limit", "5"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_written"] == {"train": 5, "val": 5}
+    val = _rows(out, "val")
+    assert all(Path(p).parent.name == w for p, w in zip(val["path"], val["wnid"]))
+    assert set(val["label"]) <= {0, 1}
+    assert len(json.loads((out / "classes.json").read_text())["classes"]) == 2
+
+
+def test_strict_exits_non_zero_after_the_report(tmp_path, sample_tree, ray_cluster, mlflow_uri, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["--input", str(sample_tree[0]), "--output", str(out), "--size", "32", "--strict", "--no-stats"])
+    assert rc == 1
+    assert "rejected" in capsys.readouterr().err
+    assert (out / "summary.json").is_file() and not (out / "mean_image.npy").exists()
+
+
+def test_killed_half_way_then_rerun_gives_no_duplicates_and_no_missing_rows(tmp_path, sample_tree, ray_cluster,
+                                                                            mlflow_uri):
+    root, manifest = sample_tree
+    out = tmp_path / "out"
+    # a tiny shard budget gives one shard per image, so the job is easy to catch half-way
+    args = ["--input", str(root), "--output", str(out), "--size", "64", "--shard-mb", "0.001"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "preprocess.py"), *args,
+                             "--address", ray_cluster], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "train").glob("part-*.parquet"))) < 5:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((out / "train").glob("part-*.parquet")))
+    assert 5 <= done_before and not (out / "summary.json").exists(), "the job was not caught half-way"
+
+    assert cli.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    train = _rows(out, "train")
+    assert len(train["path"]) == len(set(train["path"])) == summary["rows_written"]["train"]
+    good = {str(p.relative_to(root)) for p in (root / "train").rglob("*") if p.is_file()} - set(manifest["broken"])
+    assert set(train["path"]) == good
+    assert not list(out.rglob("*.tmp")) and not (out / "_work").exists()
+
+
+def test_rerun_with_other_arguments_on_an_unfinished_output_is_refused(tmp_path, sample_tree, ray_cluster,
+                                                                        mlflow_uri, capsys):
+    out = tmp_path / "out"
+    (out / "_work").mkdir(parents=True)
+    (out / "_work" / "plan.json").write_text(json.dumps({"fingerprint": "other", "shards": []}))
+    assert cli.main(["--input", str(sample_tree[0]), "--output", str(out), "--size", "32"]) == 2
+    assert "unfinished job" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["missing_root", "no_train", "empty_class", "bad_labels", "flat_val_no_csv",
+                                  "output_inside_input", "finished_output", "bad_size"])
+def test_bad_arguments_exit_2_with_one_line(case, tmp_path, prepared, sample_tree, capsys):
+    root = tmp_path / "root"
+    (root / "train" / "n01").mkdir(parents=True)
+    (root / "train" / "n01" / "a.JPEG").write_bytes(b"x")
+    out = tmp_path / "out"
+    extra: list[str] = []
+    if case == "missing_root":
+        root = tmp_path / "nope"
+    elif case == "no_train":
+        root = tmp_path / "bare"
+        root.mkdir()
+    elif case == "empty_class":
+        (root / "train" / "n02").mkdir()
+    elif case in ("bad_labels", "flat_val_no_csv"):
+        (root / "val").mkdir()
+        (root / "val" / "x.JPEG").write_bytes(b"x")
+        if case == "bad_labels":
+            (root / "LOC_val_solution.csv").write_text("nonsense\n1,2\n")
+    elif case == "output_inside_input":
+        out = root / "prepared"
+    elif case == "finished_output":
+        root, out = sample_tree[0], prepared[0]
+    elif case == "bad_size":
+        extra = ["--size", "4"]
+    with pytest.raises(SystemExit) if case == "bad_size" else _no_raise() as exc:
+        rc = cli.main(["--input", str(root), "--output", str(out), *extra])
+    code = exc.value.code if case == "bad_size" else rc
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "error" in err[-1]
+
+
+class _no_raise:
+    value = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
