@@ -11,3 +11,28 @@ from PIL import Image
 def image_to_png(pixels: np.ndarray, path: Path) -> None:
     """Write a (H, W, 3) uint8 array as PNG (to any file name, e.g. a temporary one)."""
     Image.fromarray(pixels).save(path, format="PNG")
+
+
+def kernel_grid(rows: list, scale: int = 3, gap: int = 1) -> np.ndarray:
+    """First-layer kernels as one (H, W, 3) uint8 picture, one row per list entry (Figure 3).
+
+    Each kernel is stretched to the full 0-255 range on its own, so its structure shows.
+    """
+    rows = [np.asarray(r, dtype=np.float64) for r in rows]   # each (K, 3, k, k)
+    k = rows[0].shape[-1] * scale
+    cols = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (k + gap) + gap, cols * (k + gap) + gap, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, w in enumerate(row):
+            w = w.transpose(1, 2, 0)
+            w = (w - w.min()) / max(w.max() - w.min(), 1e-12) * 255
+            tile = np.kron(w, np.ones((scale, scale, 1)))
+            y, x = gap + i * (k + gap), gap + j * (k + gap)
+            canvas[y:y + k, x:x + k] = np.rint(tile).astype(np.uint8)
+    return canvas
+
+
+def save_kernel_png(model, path: Path) -> Path:
+    """The model's conv1 kernels as a PNG (for MLflow); returns the path."""
+    image_to_png(kernel_grid(model.first_layer_kernels()), path)
+    return Path(path)
