@@ -34,7 +34,7 @@ from alexnet.stats import PixelMoments
 
 SPLITS = ("train", "val")
 WORK_DIR = "_work"          # per-shard results of an unfinished job; removed when it finishes
-MAX_ROW_GROUP_BYTES = 128 << 20
+ROW_GROUP_BYTES = 16 << 20      # bounds a task's memory; far below Parquet's 2 GiB limit
 SHARD_SCHEMA = pa.schema([
     ("image", pa.binary()),     # JPEG bytes, size x size RGB
     ("label", pa.int32()),      # index into the sorted train wnids
@@ -141,11 +141,13 @@ def make_plan(cfg: PreprocessConfig, files: dict[str, pa.Table], cpus: int) -> d
     total = sum(t.num_rows for t in files.values())
     est = _estimate_bytes_per_image(Path(cfg.input), files["train"]["path"].to_pylist(), cfg)
     rows_by_budget = max(1, int(cfg.shard_mb * (1 << 20) / est))
-    # Enough shards to keep every CPU busy on small inputs; the byte budget rules on large ones.
-    rows_per_shard = max(1, min(rows_by_budget, math.ceil(total / (2 * cpus))))
+    # Enough shards to keep every CPU busy (and balanced) on small inputs; the byte budget rules on large ones.
+    rows_per_shard = max(1, min(rows_by_budget, math.ceil(total / (4 * cpus))))
     shards = []
     for k, split in enumerate(SPLITS):
         order = np.random.default_rng([cfg.seed, k]).permutation(files[split].num_rows)
+        if len(order) == 0:
+            continue
         # Equal shards of at most rows_per_shard rows: no small tail shard.
         for i, rows in enumerate(np.array_split(order, math.ceil(len(order) / rows_per_shard))):
             shards.append({"split": split, "shard": i, "rows": rows.tolist()})
@@ -170,45 +172,55 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def process_shard_per_worker(row: dict, *, root: str, out: str, size: int, quality: int,
                              draft: bool, stats: bool) -> dict:
-    """Ray Data task: one shard's files -> one committed Parquet file + its moments and rejects."""
+    """Ray Data task: one shard's files -> one committed Parquet file + its moments and rejects.
+
+    Rows stream into the file in row groups of ~ROW_GROUP_BYTES, so a task's memory does not
+    grow with the shard size.
+    """
     start = time.perf_counter()
     split, shard = str(row["split"]), int(row["shard"])
     moments = PixelMoments.zeros(size) if stats and split == "train" else None
-    columns: dict[str, list] = {"image": [], "label": [], "wnid": [], "path": []}
-    rejects = []
-    for path, label, wnid in zip(row["paths"], row["labels"], row["wnids"]):
-        try:
-            data = (Path(root) / path).read_bytes()
-            pixels = resize_center_crop(decode_rgb(data, size, draft), size)
-        except BadImage as err:
-            rejects.append([str(path), str(err)])
-            continue
-        except OSError as err:
-            rejects.append([str(path), f"unreadable: {err.strerror or err}"])
-            continue
-        columns["image"].append(encode_jpeg(pixels, quality))
-        columns["label"].append(int(label))
-        columns["wnid"].append(str(wnid))
-        columns["path"].append(str(path))
+    final = Path(out) / shard_name(split, shard)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    rows, image_bytes, rejects = 0, 0, []
+    buffer: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
+    buffered = 0
+    try:
+        with pq.ParquetWriter(tmp, SHARD_SCHEMA, use_dictionary=["wnid"],
+                              compression={"image": "none", "label": "zstd", "wnid": "zstd", "path": "zstd"}) as writer:
+            for path, label, wnid in zip(row["paths"], row["labels"], row["wnids"]):
+                try:
+                    pixels = resize_center_crop(decode_rgb((Path(root) / path).read_bytes(), size, draft), size)
+                except BadImage as err:
+                    rejects.append([str(path), str(err)])
+                    continue
+                except OSError as err:
+                    rejects.append([str(path), f"unreadable: {err.strerror or err}"])
+                    continue
+                jpeg = encode_jpeg(pixels, quality)
+                for name, value in zip(SHARD_SCHEMA.names, (jpeg, int(label), str(wnid), str(path))):
+                    buffer[name].append(value)
+                buffered += len(jpeg)
+                if moments is not None:
+                    moments.add(pixels)
+                if buffered >= ROW_GROUP_BYTES:
+                    rows, image_bytes = rows + len(buffer["path"]), image_bytes + buffered
+                    writer.write_table(pa.table(buffer, schema=SHARD_SCHEMA), row_group_size=len(buffer["path"]))
+                    buffer, buffered = {name: [] for name in SHARD_SCHEMA.names}, 0
+            if buffer["path"] or rows == 0:
+                rows, image_bytes = rows + len(buffer["path"]), image_bytes + buffered
+                writer.write_table(pa.table(buffer, schema=SHARD_SCHEMA), row_group_size=max(1, len(buffer["path"])))
+        work = Path(out) / WORK_DIR
+        result = {"split": split, "shard": shard, "rows": rows, "bytes": image_bytes,
+                  "rejects": rejects, "seconds": time.perf_counter() - start}
+        # Side files first, the Parquet rename last: a shard counts as done only once it is visible.
         if moments is not None:
-            moments.add(pixels)
-
-    table = pa.table(columns, schema=SHARD_SCHEMA)
-    image_bytes = sum(len(b) for b in columns["image"])
-    groups = max(1, math.ceil(image_bytes / MAX_ROW_GROUP_BYTES))
-    work = Path(out) / WORK_DIR
-    result = {"split": split, "shard": shard, "rows": table.num_rows, "bytes": image_bytes,
-              "rejects": rejects, "seconds": time.perf_counter() - start}
-    # Side files first, the Parquet rename last: a shard counts as done only once it is visible.
-    if moments is not None:
-        _atomic_write(work / f"{split}-{shard:05d}.npz", moments.save)
-    _atomic_write(work / f"{split}-{shard:05d}.json", lambda p: p.write_text(json.dumps(result)))
-    _atomic_write(Path(out) / shard_name(split, shard), lambda p: pq.write_table(
-        table, p, row_group_size=max(1, math.ceil(table.num_rows / groups)),
-        compression={"image": "none", "label": "zstd", "wnid": "zstd", "path": "zstd"},
-        use_dictionary=["wnid"]))
-    return {"split": split, "shard": shard, "rows": table.num_rows, "rejects": len(rejects),
-            "seconds": result["seconds"]}
+            _atomic_write(work / f"{split}-{shard:05d}.npz", moments.save)
+        _atomic_write(work / f"{split}-{shard:05d}.json", lambda p: p.write_text(json.dumps(result)))
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"split": split, "shard": shard, "rows": rows, "rejects": len(rejects), "seconds": result["seconds"]}
 
 
 def _shard_done(out: Path, split: str, shard: int) -> bool:
@@ -260,7 +272,9 @@ def run_preprocess(cfg: PreprocessConfig, log: Log = print) -> dict:
     import ray
 
     connect_ray(cfg.address)
+    phases = {"start": time.perf_counter() - started}
     files, listing_rejects = list_files(layout, cfg)
+    phases["listing"] = time.perf_counter() - started - sum(phases.values())
     if files["train"].num_rows == 0:
         raise UsageError("no training files left after --classes/--limit")
     log(f"listed {sum(t.num_rows for t in files.values()):,} files in {len(layout.wnids)} classes "
@@ -280,6 +294,7 @@ def run_preprocess(cfg: PreprocessConfig, log: Log = print) -> dict:
         plan["fingerprint"] = fingerprint
         _atomic_write(plan_path, lambda p: p.write_text(json.dumps(plan)))
 
+    phases["planning"] = time.perf_counter() - started - sum(phases.values())
     todo = [s for s in plan["shards"] if not _shard_done(out, s["split"], s["shard"])]
     items = []
     for s in todo:
@@ -287,8 +302,8 @@ def run_preprocess(cfg: PreprocessConfig, log: Log = print) -> dict:
         items.append({"split": s["split"], "shard": s["shard"], "paths": t["path"].to_pylist(),
                       "labels": t["label"].to_pylist(), "wnids": t["wnid"].to_pylist()})
     _run_shards(items, cfg, out, log)
-    summary = _finish(cfg, layout, files, listing_rejects, plan, out, tracking_uri, started, log)
-    return summary
+    phases["shards"] = time.perf_counter() - started - sum(phases.values())
+    return _finish(cfg, layout, files, listing_rejects, plan, out, tracking_uri, started, phases, log)
 
 
 def _run_shards(items: list[dict], cfg: PreprocessConfig, out: Path, log: Log) -> None:
@@ -316,7 +331,7 @@ def _run_shards(items: list[dict], cfg: PreprocessConfig, out: Path, log: Log) -
 
 
 def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], listing_rejects: list,
-            plan: dict, out: Path, tracking_uri: str, started: float, log: Log) -> dict:
+            plan: dict, out: Path, tracking_uri: str, started: float, phases: dict, log: Log) -> dict:
     from alexnet import tracking
     from alexnet.visualize import image_to_png
 
@@ -358,6 +373,7 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
         _atomic_write(out / "mean_image.png", lambda p: image_to_png(np.rint(mean).astype(np.uint8), p))
         artifacts += [out / "mean_image.npy", out / "pca.json", out / "mean_image.png"]
 
+    phases["statistics"] = time.perf_counter() - started - sum(phases.values())
     seconds = time.perf_counter() - started
     written = rows["train"] + rows["val"]
     summary = {
@@ -372,6 +388,7 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
         "num_classes": len(keep),
         "seconds": round(seconds, 3),
         "images_per_s": round(written / seconds, 2),
+        "phase_seconds": phases,
     }
     with tracking.start_run(tracking_uri, cfg.experiment, cfg.run_name, tags={"stage": "preprocess"}) as run:
         tracking.log_params(cfg.to_dict())
@@ -382,6 +399,8 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
         tracking.log_artifacts(artifacts, artifact_path="preprocess")
         mlflow.log_dict(summary, "preprocess/summary.json")
         summary["mlflow_run_id"] = run.info.run_id
+    phases["mlflow"] = time.perf_counter() - started - sum(phases.values())
+    summary["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
     _atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     shutil.rmtree(work, ignore_errors=True)
     for r in all_rejects:
@@ -405,4 +424,5 @@ def format_summary(summary: dict) -> str:
                      f"{summary['rejects'][s]:>8,} {summary['shards'][s]:>7}")
     lines.append(f"{summary['seconds']:.1f}s, {summary['images_per_s']:,.1f} images/s, "
                  f"{summary['num_classes']} classes, MLflow run {summary.get('mlflow_run_id')}")
+    lines.append("phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["phase_seconds"].items()))
     return "\n".join(lines)

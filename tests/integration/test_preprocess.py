@@ -112,6 +112,14 @@ def test_folder_val_layout_classes_and_limit(tmp_path, ray_cluster, mlflow_uri):
     assert len(json.loads((out / "classes.json").read_text())["classes"]) == 2
 
 
+def test_empty_val_folder_gives_an_empty_val_split(tmp_path, ray_cluster, mlflow_uri):
+    root = tmp_path / "root"
+    make_sample(SampleConfig(output=root, num_classes=2, train_per_class=3, val_per_class=0, quirks=False))
+    assert cli.main(["--input", str(root), "--output", str(tmp_path / "out"), "--size", "32"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["rows_written"] == {"train": 6, "val": 0} and summary["shards"]["val"] == 0
+
+
 def test_strict_exits_non_zero_after_the_report(tmp_path, sample_tree, ray_cluster, mlflow_uri, capsys):
     out = tmp_path / "out"
     rc = cli.main(["--input", str(sample_tree[0]), "--output", str(out), "--size", "32", "--strict", "--no-stats"])
