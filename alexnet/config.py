@@ -177,3 +177,83 @@ class PreprocessConfig(ConfigBase):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name} must be at least 1, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(ConfigBase):
+    """`pipelines/train.py`: the paper's training run on Ray Train, logged to MLflow."""
+
+    data: Path = field(help="a finished preprocessing output (pipelines/preprocess.py --output)")
+    # resources
+    num_workers: int = field(1, help="data-parallel Ray Train workers")
+    gpus_per_worker: int = field(0, help="0: CPU; 1: both towers on one GPU; 2: one tower per GPU",
+                                 choices=(0, 1, 2))
+    cpus_per_worker: float = field(1.0, help="CPUs reserved by each training worker (decoding runs in Ray Data tasks)")
+    # the paper's optimisation
+    batch_size: int = field(128, help="global batch size, split evenly across workers")
+    epochs: int = field(90, help="passes over the training set")
+    lr: float = field(0.01, help="initial learning rate")
+    momentum: float = field(0.9, help="momentum")
+    weight_decay: float = field(0.0005, help="weight decay")
+    optimizer: str = field("paper", help="paper: lr inside the velocity (section 5); torch: torch.optim.SGD",
+                           choices=("paper", "torch"))
+    lr_patience: int = field(5, help="epochs without a better val/top1_err before the learning rate is divided by 10")
+    max_lr_drops: int = field(3, help="at most this many divisions by 10 (the paper made 3)")
+    seed: int = field(0, help="seed of the initial weights and the dropout masks")
+    # the model
+    arch: str = field("paper", help="paper: two towers as in 2012; owt: torchvision's single column",
+                      choices=("paper", "owt"))
+    width: float = field(1.0, help="multiplier of every layer's width (0.25 for CPU trials)")
+    init: str = field("paper", help="paper: N(0, 0.01) and the paper's biases; pytorch: layer defaults "
+                      "(narrow nets need it)", choices=("paper", "pytorch"))
+    bias_value: float = field(1.0, help="paper init: bias of conv2/4/5 and fc6/7 (Caffe used 0.1)")
+    dropout: float = field(0.5, help="dropout probability of fc6 and fc7")
+    image_size: int = field(224, help="side of the random training crop; at most the stored size")
+    # augmentation and input
+    pca_lighting: bool = field(True, help="the paper's PCA colour augmentation")
+    lighting_sigma: float = field(0.1, help="std of the PCA lighting coefficients")
+    pixel_scale: float = field(1.0, help="inputs are (pixels - mean image) x this; the paper used raw 0-255 (1.0)")
+    eval_10crop_every: int = field(10, help="also report val/top1_err_10crop every N epochs (0: last epoch only)")
+    shuffle_buffer: int = field(1000, help="rows in each worker's local shuffle buffer")
+    # speed-ups (not in the paper)
+    amp: bool = field(False, help="bfloat16 autocast for the forward pass")
+    channels_last: bool = field(False, help="NHWC memory format")
+    # bookkeeping
+    experiment: str = field("alexnet-ray", help="MLflow experiment")
+    run_name: str | None = field(None, help="name of the run; rerunning with the same name resumes it")
+    tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    storage_path: str | None = field(None, help="where Ray Train keeps checkpoints: a shared folder or s3:// on "
+                                     "multi-node clusters (default: ./ray_results)")
+    keep_checkpoints: int = field(3, help="checkpoints kept besides the latest (the best by val/top1_err)")
+    max_failures: int = field(3, help="worker-group restarts from the last checkpoint before the run fails")
+    address: str | None = field(None, help="Ray cluster to join ('auto' or host:port); none starts a local one")
+    check_resources: bool = field(True, help="fail at once when the cluster cannot hold the workers "
+                                  "(--no-check-resources on autoscaling clusters)")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_workers >= 1, f"--num-workers must be at least 1, got {self.num_workers}"),
+            (self.cpus_per_worker >= 0, "--cpus-per-worker must be >= 0"),
+            (self.batch_size >= self.num_workers and self.batch_size % self.num_workers == 0,
+             f"--batch-size {self.batch_size} must be a multiple of --num-workers {self.num_workers}"),
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0,
+             "need --lr > 0, 0 <= --momentum < 1, --weight-decay >= 0"),
+            (0 <= self.dropout < 1, "--dropout must be within [0, 1)"),
+            (self.width > 0, "--width must be positive"),
+            (self.lr_patience >= 0 and self.max_lr_drops >= 0, "--lr-patience and --max-lr-drops must be >= 0"),
+            (self.lighting_sigma >= 0 and self.pixel_scale > 0, "need --lighting-sigma >= 0 and --pixel-scale > 0"),
+            (self.eval_10crop_every >= 0 and self.shuffle_buffer >= 0 and self.keep_checkpoints >= 1
+             and self.max_failures >= 0, "need --eval-10crop-every, --shuffle-buffer, --max-failures >= 0 "
+             "and --keep-checkpoints >= 1"),
+            (not (self.arch == "owt" and self.gpus_per_worker == 2),
+             "--arch owt is a single column: it cannot split over --gpus-per-worker 2 (use --arch paper)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def model_options(self) -> dict[str, Any]:
+        """Keyword arguments of alexnet.model.build_model (besides num_classes and devices)."""
+        return dict(arch=self.arch, width=self.width, init=self.init, bias_value=self.bias_value,
+                    dropout=self.dropout, image_size=self.image_size)

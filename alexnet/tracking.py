@@ -19,6 +19,13 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def absolute_uri(uri: str) -> str:
+    """A relative SQLite path made absolute: Ray processes do not share the driver's working directory."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, not after MLflow's retries, when a tracking server does not answer."""
     if uri.startswith(("http://", "https://")):

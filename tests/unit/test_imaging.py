@@ -102,3 +102,15 @@ def test_encode_roundtrip_is_close():
     pixels = resize_center_crop(Image.fromarray(_noise(100, 100)).resize((300, 200)), 64)
     back = np.asarray(Image.open(io.BytesIO(encode_jpeg(pixels, 95))))
     assert back.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("w,h", [(500, 375), (375, 500), (1024, 768), (90, 1200)])
+def test_central_resample_equals_rescale_then_crop(w, h):
+    # resampling only the central box must give what rescaling the whole image and cropping gives
+    base = np.random.default_rng(3).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC)
+    rw, rh = resized_shape(w, h, 128)
+    left, top = (rw - 128) // 2, (rh - 128) // 2
+    whole = np.asarray(img.resize((rw, rh), Image.Resampling.BICUBIC).crop((left, top, left + 128, top + 128)))
+    diff = np.abs(resize_center_crop(img, 128).astype(int) - whole.astype(int))
+    assert diff.mean() < 0.05 and diff.max() <= 2

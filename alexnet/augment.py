@@ -1,0 +1,113 @@
+"""The paper's augmentation, split where each part is cheapest.
+
+Ray Data's CPU tasks (numpy, uint8, per epoch, freshly drawn): decode the stored JPEG, take a
+random `crop`x`crop` patch, flip half of them, and draw the PCA lighting offset.  The batch
+travels as uint8 (4x smaller than float), and the training device finishes it in one pass:
+subtract the mean image cropped and flipped the same way, add the lighting, scale.
+
+Pixel scale: stored pixels are 0-255; `pca.json` holds eigenvalues/eigenvectors of pixels
+scaled to [0, 1], so the lighting offset is multiplied by 255 here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from alexnet.imaging import decode_jpeg
+
+# The paper's 10 test patches: four corners and the centre, each also flipped.
+CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
+
+
+def decode_images(jpegs) -> np.ndarray:
+    """Stored JPEG bytes -> (N, S, S, 3) uint8."""
+    return np.stack([decode_jpeg(bytes(b)) for b in jpegs])
+
+
+def lighting(alphas: np.ndarray, eigenvalues: np.ndarray, eigenvectors: np.ndarray) -> np.ndarray:
+    """(N, 3) RGB offsets on the 0-255 scale: [p1 p2 p3] [a1*l1, a2*l2, a3*l3]^T per image."""
+    return (255.0 * (alphas * eigenvalues) @ np.asarray(eigenvectors).T).astype(np.float32)
+
+
+def train_batch(batch: dict, *, crop: int, eigenvalues: np.ndarray, eigenvectors: np.ndarray,
+                sigma: float) -> dict:
+    """Ray Data map_batches: stored JPEGs -> random crops, flips and lighting offsets."""
+    rng = np.random.default_rng()  # fresh OS entropy every call: new draws every epoch
+    images = decode_images(batch["image"])
+    n, size = images.shape[0], images.shape[1]
+    ys = rng.integers(0, size - crop + 1, n)
+    xs = rng.integers(0, size - crop + 1, n)
+    flips = rng.random(n) < 0.5
+    out = np.empty((n, 3, crop, crop), np.uint8)
+    for i in range(n):
+        patch = images[i, ys[i]:ys[i] + crop, xs[i]:xs[i] + crop]
+        out[i] = (patch[:, ::-1] if flips[i] else patch).transpose(2, 0, 1)
+    alphas = rng.normal(0.0, sigma, (n, 3)) if sigma > 0 else np.zeros((n, 3))
+    return {"image": out, "offset": np.stack([ys, xs], 1).astype(np.int32), "flip": flips,
+            "light": lighting(alphas, np.asarray(eigenvalues), np.asarray(eigenvectors)),
+            "label": np.asarray(batch["label"], np.int64)}
+
+
+def eval_batch(batch: dict) -> dict:
+    """Ray Data map_batches: stored JPEGs -> whole (N, 3, S, S) uint8 images; crops are taken on device."""
+    images = decode_images(batch["image"])
+    return {"image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
+            "label": np.asarray(batch["label"], np.int64)}
+
+
+def view_offsets(size: int, crop: int) -> dict[str, tuple[int, int]]:
+    """(y, x) of the paper's five patch positions in a size x size image."""
+    far, mid = size - crop, (size - crop) // 2
+    return {"top_left": (0, 0), "top_right": (0, far), "bottom_left": (far, 0),
+            "bottom_right": (far, far), "center": (mid, mid)}
+
+
+def eval_views(size: int, crop: int, mode: str) -> list[tuple[int, int, bool]]:
+    """(y, x, flip) of the views averaged at test time: 'center' -> 1, '10crop' -> 10."""
+    offsets = view_offsets(size, crop)
+    if mode == "center":
+        return [(*offsets["center"], False)]
+    if mode == "10crop":
+        return [(*offsets[c], flip) for c in CORNERS for flip in (False, True)]
+    raise ValueError(f"unknown eval view mode {mode!r}: 'center' or '10crop'")
+
+
+class Normalizer:
+    """Device side: (uint8 crop - mean image at the same place, flipped alike) + lighting, x scale.
+
+    `mean_image` is the (S, S, 3) float32 array of `OUT/mean_image.npy`.
+    """
+
+    def __init__(self, mean_image: np.ndarray, device: torch.device, scale: float = 1.0,
+                 channels_last: bool = False):
+        self.mean = torch.as_tensor(np.ascontiguousarray(mean_image.transpose(2, 0, 1)), device=device)
+        self.size, self.device, self.scale, self.channels_last = mean_image.shape[0], device, scale, channels_last
+
+    def __call__(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
+                 light: torch.Tensor | None = None) -> torch.Tensor:
+        """images (N, 3, c, c) uint8 already cropped at offsets (N, 2) and flipped where flips (N,)."""
+        n, crop = images.shape[0], images.shape[-1]
+        images, offsets, flips = (t.to(self.device, non_blocking=True) for t in (images, offsets, flips))
+        steps = torch.arange(crop, device=self.device)
+        rows = offsets[:, 0, None] + steps
+        cols = offsets[:, 1, None] + steps
+        cols = torch.where(flips[:, None].bool(), cols.flip(1), cols)
+        mean = self.mean[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)  # (N, 3, c, c)
+        x = images.float() - mean
+        if light is not None:
+            x = x + light.to(self.device, non_blocking=True)[:, :, None, None]
+        if self.scale != 1.0:
+            x = x * self.scale
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def view(self, images: torch.Tensor, y: int, x: int, flip: bool, crop: int) -> torch.Tensor:
+        """One eval view of whole (N, 3, S, S) uint8 images."""
+        images = images.to(self.device, non_blocking=True)
+        patch = images[:, :, y:y + crop, x:x + crop]
+        if flip:
+            patch = patch.flip(3)
+        n = images.shape[0]
+        offsets = torch.tensor([y, x], device=self.device).expand(n, 2)
+        flips = torch.full((n,), flip, device=self.device)
+        return self(patch, offsets, flips)

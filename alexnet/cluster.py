@@ -1,0 +1,53 @@
+"""Joining or starting Ray, and refusing requests the cluster can never satisfy (instead of pending forever)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from alexnet.config import UsageError
+
+
+def connect_ray(address: str | None, min_cpus: float = 0) -> None:
+    """Join `address` ('auto' or host:port), or start a local Ray with at least `min_cpus` logical CPUs.
+
+    A local start may advertise more CPUs than the machine has: two training workers plus Ray
+    Data's decoding tasks then share the cores instead of waiting for each other.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        kwargs = {}
+        if address is None:
+            kwargs["num_cpus"] = max(os.cpu_count() or 1, int(-(-min_cpus // 1)))
+        ray.init(address=address, log_to_driver=True, **kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in resources.items())
+
+
+def check_resources(per_worker: dict[str, float], num_workers: int, spare_cpus: float = 0.0) -> None:
+    """UsageError naming what is missing when the live nodes cannot hold `num_workers` workers.
+
+    Each worker's resources must fit on one node; `spare_cpus` must remain for other tasks
+    (Ray Data's decoding) once every worker is placed.
+    """
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need = {k: v for k, v in per_worker.items() if v > 0}
+    for key, amount in need.items():
+        largest = max((r.get(key, 0.0) for r in nodes), default=0.0)
+        if largest < amount:
+            raise UsageError(f"one worker needs {amount:g} {key} on a single node, but the largest node of this "
+                             f"cluster has {largest:g} {key} (nodes: {len(nodes)})")
+    capacity = sum(min(int(r.get(k, 0.0) // v) for k, v in need.items()) for r in nodes) if need else num_workers
+    if capacity < num_workers:
+        raise UsageError(f"this cluster holds at most {capacity} worker(s) of {_fmt(need)}, "
+                         f"but --num-workers is {num_workers}")
+    left = sum(r.get("CPU", 0.0) for r in nodes) - num_workers * per_worker.get("CPU", 0.0)
+    if left < spare_cpus:
+        raise UsageError(f"the workers take all CPUs of the cluster, leaving {left:g}: at least {spare_cpus:g} "
+                         "must remain for Ray Data's decoding tasks (lower --cpus-per-worker or add a node)")

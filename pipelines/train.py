@@ -1,0 +1,35 @@
+"""AlexNet on Ray Train: data-parallel workers, the paper's two towers over each worker's GPUs, MLflow.
+
+    python pipelines/train.py --data OUT [--num-workers N] [--gpus-per-worker {0,1,2}] [--epochs 90]
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from alexnet.config import TrainConfig, UsageError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = TrainConfig.parse_args(argv, description=__doc__.splitlines()[0])
+    from ray.train import TrainingFailedError
+
+    from alexnet.train import run_training
+
+    try:
+        summary = run_training(cfg)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingFailedError as err:
+        print(f"error: training failed: {err}", file=sys.stderr)
+        return 1
+    print(f"best val/top1_err {summary['best_val_top1_err']:.4f} at epoch {summary['best_epoch']}; "
+          f"model {summary['model_uri']}")
+    print(f"MLflow run id: {summary['mlflow_run_id']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

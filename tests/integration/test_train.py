@@ -1,0 +1,146 @@
+"""pipelines/train.py on the shared local Ray instance: learning, resume, recovery, bad input, MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from alexnet.config import PreprocessConfig
+from alexnet.preprocess import run_preprocess
+from alexnet.sample import SampleConfig, make_sample
+from pipelines import train as cli
+
+# A small net that a CPU trains in seconds (the paper's init stalls at this width: see README).
+SMALL = ["--width", "0.25", "--image-size", "64", "--init", "pytorch", "--batch-size", "32",
+         "--lr", "0.01", "--eval-10crop-every", "0", "--shuffle-buffer", "256"]
+
+
+@pytest.fixture(scope="session")
+def learnable(ray_cluster, mlflow_uri, tmp_path_factory) -> Path:
+    """4 classes x 50 training images, 72 px shards: enough for a narrow net to beat chance quickly."""
+    root = tmp_path_factory.mktemp("learnable") / "root"
+    make_sample(SampleConfig(output=root, num_classes=4, train_per_class=50, val_per_class=12, seed=11,
+                             quirks=False, min_side=72, max_side=160))
+    out = root.parent / "prepared"
+    run_preprocess(PreprocessConfig(input=root, output=out, size=72, tracking_uri=mlflow_uri), log=lambda _: None)
+    return out
+
+
+def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def _run_id(uri: str, name: str) -> str:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("alexnet-ray")
+    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.ray_run_name = '{name}'")
+    return run.info.run_id
+
+
+def test_two_cpu_workers_learn_and_log_everything(learnable, mlflow_uri, tmp_path, capsys):
+    argv = ["--data", str(learnable), "--num-workers", "2", "--epochs", "8", "--run-name", "learns",
+            "--storage-path", str(tmp_path / "ckpt"), *SMALL, "--eval-10crop-every", "4"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    run_id = _run_id(mlflow_uri, "learns")
+    assert f"MLflow run id: {run_id}" in out
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["num_workers"] == "2" and run.data.params["init"] == "pytorch"
+    assert run.data.tags["data.path"] == str(learnable.resolve())
+    val = _history(mlflow_uri, run_id, "val/top1_err")
+    assert [s for s, _ in val] == list(range(1, 9))
+    assert min(e for _, e in val[-3:]) < 0.45, val  # chance is 0.75 with 4 classes
+    for key in ("train/loss", "train/top1_err", "val/top5_err", "lr", "images_per_s", "data_wait_frac"):
+        assert len(_history(mlflow_uri, run_id, key)) == 8, key
+    assert [s for s, _ in _history(mlflow_uri, run_id, "val/top1_err_10crop")] == [4, 8]
+    # every val image counted once across the two workers (unequal split, nothing dropped)
+    assert {v for _, v in _history(mlflow_uri, run_id, "val/images")} == {48.0}
+    artifacts = {a.path for a in client.list_artifacts(run_id, "train")}
+    assert {"train/conv1_kernels.png", "train/learning_curves.png"} <= artifacts
+    # the logged model takes any batch size
+    import mlflow.pytorch
+
+    (logged,) = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    for n in (1, 3, 5):
+        assert tuple(model(torch.zeros(n, 3, 64, 64)).shape) == (n, 4)
+
+
+def test_resume_continues_at_the_next_epoch_with_the_saved_state(learnable, mlflow_uri, tmp_path):
+    common = ["--data", str(learnable), "--run-name", "resumes", "--storage-path", str(tmp_path / "ckpt"), *SMALL]
+    assert cli.main([*common, "--epochs", "2"]) == 0
+    run_id = _run_id(mlflow_uri, "resumes")
+    first = _history(mlflow_uri, run_id, "train/loss")
+    assert cli.main([*common, "--epochs", "4"]) == 0
+    assert _run_id(mlflow_uri, "resumes") == run_id  # the same MLflow run
+    epochs = [s for s, _ in _history(mlflow_uri, run_id, "epoch")]
+    assert epochs == [1, 2, 3, 4]  # epochs 1-2 were not run again
+    losses = dict(_history(mlflow_uri, run_id, "train/loss"))
+    assert dict(first) == {1: losses[1], 2: losses[2]}
+    # a restart from scratch would begin near ln(4); the resumed epoch 3 starts from epoch 2's weights
+    assert losses[3] < losses[1]
+    ckpts = sorted((tmp_path / "ckpt" / "resumes").glob("checkpoint_*"))
+    states = [torch.load(c / "state.pt", weights_only=True) for c in ckpts]
+    assert max(s["epoch"] for s in states) == 4
+    # the optimizer state travelled too: momentum buffers exist in every checkpoint
+    assert all(s["optimizer"]["state"] for s in states)
+
+
+def test_a_killed_worker_is_replaced_and_the_run_finishes_all_epochs(learnable, mlflow_uri, tmp_path):
+    storage = tmp_path / "ckpt"
+    argv = ["--data", str(learnable), "--num-workers", "2", "--epochs", "5", "--run-name", "recovers",
+            "--storage-path", str(storage), "--max-failures", "2", *SMALL]
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", cli.main(argv)))
+    thread.start()
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((storage / "recovers").glob("checkpoint_*")):
+        time.sleep(0.5)
+    assert list((storage / "recovers").glob("checkpoint_*")), "no checkpoint appeared"
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no training worker process found"
+    workers[0].kill()
+    thread.join(timeout=400)
+    assert result.get("rc") == 0
+    run_id = _run_id(mlflow_uri, "recovers")
+    assert sorted({s for s, _ in _history(mlflow_uri, run_id, "epoch")}) == [1, 2, 3, 4, 5]
+    assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--image-size", "100"], "larger than the stored images"),
+    (["--gpus-per-worker", "2"], "2 GPU on a single node"),
+    (["--num-workers", "16"], "holds at most"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+])
+def test_requests_that_cannot_work_exit_2_at_once(learnable, tmp_path, capsys, extra, message):
+    argv = ["--data", str(learnable), "--storage-path", str(tmp_path), *SMALL, *extra]
+    start = time.time()
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert time.time() - start < 30
+
+
+def test_missing_or_unfinished_data_exits_2(learnable, tmp_path, capsys):
+    assert cli.main(["--data", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(learnable, unfinished)
+    (unfinished / "summary.json").unlink()
+    (unfinished / "_work").mkdir()
+    assert cli.main(["--data", str(unfinished)]) == 2
+    assert "unfinished preprocessing output" in capsys.readouterr().err
+

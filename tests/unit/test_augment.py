@@ -1,0 +1,99 @@
+"""The paper's augmentation: random crops, flips, PCA lighting, mean subtraction, and the 10 test views."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alexnet.augment import Normalizer, eval_batch, eval_views, lighting, train_batch
+from alexnet.imaging import decode_jpeg, encode_jpeg
+
+SIZE, CROP = 40, 32
+# a plausible RGB PCA on the [0, 1] scale (columns are eigenvectors), as pca.json stores it
+EIGVALS = np.array([0.06, 0.005, 0.001])
+EIGVECS = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
+
+
+def _stored(n: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [encode_jpeg(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), 95) for _ in range(n)]
+
+
+def test_train_batch_shapes_and_that_crops_are_flipped_patches_of_the_image():
+    jpegs = _stored(64)
+    out = train_batch({"image": np.array(jpegs, dtype=object), "label": np.arange(64)}, crop=CROP,
+                      eigenvalues=EIGVALS, eigenvectors=EIGVECS, sigma=0.1)
+    assert out["image"].shape == (64, 3, CROP, CROP) and out["image"].dtype == np.uint8
+    assert out["light"].shape == (64, 3) and out["light"].dtype == np.float32
+    assert out["label"].tolist() == list(range(64))
+    assert 10 < out["flip"].sum() < 54  # about half flipped
+    ys, xs = out["offset"].T
+    assert ys.min() >= 0 and ys.max() <= SIZE - CROP and len(set(ys)) > 3
+    for i in range(64):
+        patch = decode_jpeg(jpegs[i])[ys[i]:ys[i] + CROP, xs[i]:xs[i] + CROP].transpose(2, 0, 1)
+        expected = patch[:, :, ::-1] if out["flip"][i] else patch
+        np.testing.assert_array_equal(out["image"][i], expected)
+
+
+def test_crops_are_drawn_afresh_on_every_call():
+    batch = {"image": np.array(_stored(16), dtype=object), "label": np.zeros(16)}
+    a = train_batch(batch, crop=CROP, eigenvalues=EIGVALS, eigenvectors=EIGVECS, sigma=0.1)
+    b = train_batch(batch, crop=CROP, eigenvalues=EIGVALS, eigenvectors=EIGVECS, sigma=0.1)
+    assert not np.array_equal(a["offset"], b["offset"]) and not np.array_equal(a["light"], b["light"])
+
+
+def test_pca_lighting_has_the_paper_covariance_on_the_0_255_scale():
+    rng = np.random.default_rng(1)
+    sigma = 0.1
+    offsets = lighting(rng.normal(0, sigma, (200_000, 3)), EIGVALS, EIGVECS)
+    # offset = P diag(alpha * lambda) -> cov = 255^2 sigma^2 P diag(lambda^2) P^T
+    expected = 255.0**2 * sigma**2 * EIGVECS @ np.diag(EIGVALS**2) @ EIGVECS.T
+    np.testing.assert_allclose(np.cov(offsets.T), expected, rtol=0.02, atol=1e-3)
+    # on real photos the top eigenvalue is ~0.05 on [0, 1]: the shifts are ~1-2 grey levels, not ~0.005
+    assert 0.5 < offsets.std(0).max() < 5.0
+
+
+def test_no_lighting_when_sigma_is_zero():
+    out = train_batch({"image": np.array(_stored(4), dtype=object), "label": np.zeros(4)}, crop=CROP,
+                      eigenvalues=EIGVALS, eigenvectors=EIGVECS, sigma=0.0)
+    assert not out["light"].any()
+
+
+def test_normalizer_subtracts_the_mean_image_cropped_and_flipped_alike():
+    rng = np.random.default_rng(2)
+    mean = rng.uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32)
+    out = train_batch({"image": np.array(_stored(8, seed=3), dtype=object), "label": np.zeros(8)}, crop=CROP,
+                      eigenvalues=EIGVALS, eigenvectors=EIGVECS, sigma=0.1)
+    x = Normalizer(mean, torch.device("cpu"), scale=0.5)(
+        torch.from_numpy(out["image"]), torch.from_numpy(out["offset"]), torch.from_numpy(out["flip"]),
+        torch.from_numpy(out["light"]))
+    for i in range(8):
+        y0, x0 = out["offset"][i]
+        m = mean[y0:y0 + CROP, x0:x0 + CROP].transpose(2, 0, 1)
+        m = m[:, :, ::-1] if out["flip"][i] else m
+        expected = (out["image"][i].astype(np.float32) - m + out["light"][i][:, None, None]) * 0.5
+        np.testing.assert_allclose(x[i].numpy(), expected, atol=1e-4)
+
+
+def test_ten_views_are_four_corners_and_centre_each_flipped():
+    views = eval_views(256, 224, "10crop")
+    assert len(views) == 10 and len(set(views)) == 10
+    assert {(y, x) for y, x, _ in views} == {(0, 0), (0, 32), (32, 0), (32, 32), (16, 16)}
+    assert sum(flip for *_, flip in views) == 5
+    assert eval_views(256, 224, "center") == [(16, 16, False)]
+    with pytest.raises(ValueError):
+        eval_views(256, 224, "5crop")
+
+
+def test_eval_view_equals_cropping_by_hand():
+    rng = np.random.default_rng(4)
+    mean = rng.uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32)
+    batch = eval_batch({"image": np.array(_stored(3, seed=5), dtype=object), "label": np.array([1, 2, 3])})
+    assert batch["image"].shape == (3, 3, SIZE, SIZE)
+    norm = Normalizer(mean, torch.device("cpu"))
+    for y, x, flip in eval_views(SIZE, CROP, "10crop"):
+        got = norm.view(torch.from_numpy(batch["image"]), y, x, flip, CROP).numpy()
+        ref = batch["image"][:, :, y:y + CROP, x:x + CROP].astype(np.float32) - \
+            mean[y:y + CROP, x:x + CROP].transpose(2, 0, 1)
+        np.testing.assert_allclose(got, ref[..., ::-1] if flip else ref, atol=1e-4)
