@@ -15,13 +15,16 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m alexnet.sample --output $(DEMO_DIR)/imagenet-sample --num-classes 10 --train-per-class 60 --val-per-class 12 --seed 0
 	$(PY) pipelines/preprocess.py --input $(DEMO_DIR)/imagenet-sample --output $(DEMO_DIR)/prepared --size 72 --overwrite
+	$(PY) pipelines/train.py --data $(DEMO_DIR)/prepared --num-workers 2 --width 0.25 --image-size 64 \
+		--init pytorch --batch-size 32 --epochs 8 --eval-10crop-every 4 --storage-path $(DEMO_DIR)/ray_results
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
 	$(PY) bench/preprocess_speed.py
+	$(PY) bench/train_speed.py --workdir bench/out
 	$(PY) bench/model_speed.py
 
 clean:
-	rm -rf $(DEMO_DIR) mlflow.db mlartifacts mlruns
+	rm -rf $(DEMO_DIR) mlflow.db mlartifacts mlruns ray_results

@@ -100,8 +100,9 @@ def build_datasets(cfg: TrainConfig, prepared: Prepared) -> dict:
     import ray
 
     sigma = cfg.lighting_sigma if cfg.pca_lighting else 0.0
-    train = (ray.data.read_parquet(prepared.train_files, columns=["image", "label"])
-             .randomize_block_order()
+    # File order reshuffled every epoch (streaming; a block-level shuffle would wait for the whole read),
+    # rows mixed further in each worker's local shuffle buffer.
+    train = (ray.data.read_parquet(prepared.train_files, columns=["image", "label"], shuffle="files")
              .map_batches(train_batch, batch_size=DECODE_BATCH, batch_format="numpy",
                           fn_kwargs=dict(crop=cfg.image_size, eigenvalues=prepared.eigenvalues,
                                          eigenvectors=prepared.eigenvectors, sigma=sigma)))

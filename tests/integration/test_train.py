@@ -62,7 +62,9 @@ def test_two_cpu_workers_learn_and_log_everything(learnable, mlflow_uri, tmp_pat
     assert run.data.tags["data.path"] == str(learnable.resolve())
     val = _history(mlflow_uri, run_id, "val/top1_err")
     assert [s for s, _ in val] == list(range(1, 9))
-    assert min(e for _, e in val[-3:]) < 0.45, val  # chance is 0.75 with 4 classes
+    assert min(e for _, e in val) < 0.45, val  # chance is 0.75 with 4 classes
+    losses = [v for _, v in _history(mlflow_uri, run_id, "train/loss")]
+    assert losses[-1] < 0.9 * math.log(4), losses
     for key in ("train/loss", "train/top1_err", "val/top5_err", "lr", "images_per_s", "data_wait_frac"):
         assert len(_history(mlflow_uri, run_id, key)) == 8, key
     assert [s for s, _ in _history(mlflow_uri, run_id, "val/top1_err_10crop")] == [4, 8]
@@ -92,7 +94,7 @@ def test_resume_continues_at_the_next_epoch_with_the_saved_state(learnable, mlfl
     assert dict(first) == {1: losses[1], 2: losses[2]}
     # a restart from scratch would begin near ln(4); the resumed epoch 3 starts from epoch 2's weights
     assert losses[3] < losses[1]
-    ckpts = sorted((tmp_path / "ckpt" / "resumes").glob("checkpoint_*"))
+    ckpts = sorted(c for c in (tmp_path / "ckpt" / "resumes").glob("checkpoint_*") if c.is_dir())
     states = [torch.load(c / "state.pt", weights_only=True) for c in ckpts]
     assert max(s["epoch"] for s in states) == 4
     # the optimizer state travelled too: momentum buffers exist in every checkpoint
@@ -107,9 +109,9 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_all_epochs(learnable, 
     thread = threading.Thread(target=lambda: result.setdefault("rc", cli.main(argv)))
     thread.start()
     deadline = time.time() + 240
-    while time.time() < deadline and not list((storage / "recovers").glob("checkpoint_*")):
+    while time.time() < deadline and not list((storage / "recovers").glob("checkpoint_2*")):
         time.sleep(0.5)
-    assert list((storage / "recovers").glob("checkpoint_*")), "no checkpoint appeared"
+    assert list((storage / "recovers").glob("checkpoint_2*")), "no checkpoint appeared"
     workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
     assert workers, "no training worker process found"
     workers[0].kill()

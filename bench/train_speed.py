@@ -1,0 +1,149 @@
+"""Training benchmarks: prints ratios from one run on the same files.
+
+P3  training-input throughput: Parquet -> augmented batches on Ray Data (our pipeline) vs
+    torchvision ImageFolder + DataLoader(num_workers=2) over the raw JPEGs with the same
+    augmentation (resize 256, random crop, flip, PCA lighting, mean subtraction).    target >= 3x
+P4  images/s of pipelines/train.py (1 worker) vs a plain PyTorch loop on the same model, the
+    same optimizer and the same images decoded in memory.                             target >= 0.9x
+
+    python bench/train_speed.py [--workdir /tmp/bench-2000]   (after bench/preprocess_speed.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+
+def our_input(prepared, crop: int, epochs: int) -> float:
+    """Images/s of the training input: Ray Data decode + crop + flip + lighting, then the device-side step."""
+    from alexnet.augment import Normalizer
+    from alexnet.config import TrainConfig
+    from alexnet.train import build_datasets
+
+    cfg = TrainConfig(data=prepared.path, image_size=crop)
+    ds = build_datasets(cfg, prepared)["train"]
+    norm = Normalizer(prepared.mean_image, torch.device("cpu"))
+    rates = []
+    for _ in range(epochs + 1):  # the first epoch warms the workers up
+        start, n = time.perf_counter(), 0
+        for b in ds.iter_torch_batches(batch_size=128, local_shuffle_buffer_size=1000):
+            x = norm(b["image"], b["offset"], b["flip"], b["light"])
+            n += len(x)
+        rates.append(n / (time.perf_counter() - start))
+    return max(rates[1:])
+
+
+def torchvision_input(raw: Path, prepared, crop: int, epochs: int) -> float:
+    """The usual recipe: ImageFolder over the raw JPEGs, transforms in 2 DataLoader workers."""
+    from torchvision import datasets, transforms
+
+    eigvals = torch.tensor(prepared.eigenvalues, dtype=torch.float32)
+    eigvecs = torch.tensor(prepared.eigenvectors, dtype=torch.float32)
+    mean = torch.tensor(prepared.mean_image.mean((0, 1)) / 255.0, dtype=torch.float32)
+
+    def lighting(x: torch.Tensor) -> torch.Tensor:
+        alpha = torch.randn(3) * 0.1
+        return x + (eigvecs @ (alpha * eigvals))[:, None, None]
+
+    tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(256), transforms.RandomCrop(crop),
+                             transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Lambda(lighting),
+                             transforms.Normalize(mean.tolist(), [1.0, 1.0, 1.0])])
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(raw / "train", tf), batch_size=128, shuffle=True,
+                                         num_workers=2, persistent_workers=True)
+    rates = []
+    for _ in range(epochs + 1):
+        start, n = time.perf_counter(), 0
+        for x, _ in loader:
+            n += len(x)
+        rates.append(n / (time.perf_counter() - start))
+    return max(rates[1:])
+
+
+def plain_loop(prepared, width: float, crop: int, steps: int, batch: int) -> float:
+    """Images/s of a bare loop: the same model and optimizer, images already decoded in memory."""
+    import pyarrow.parquet as pq
+
+    from alexnet.imaging import decode_jpeg
+    from alexnet.model import build_model
+    from alexnet.optim import build_optimizer
+
+    table = pq.read_table(prepared.train_files, columns=["image", "label"])
+    images = torch.from_numpy(np.stack([decode_jpeg(b) for b in table["image"].to_pylist()[:batch * 8]]))
+    labels = torch.tensor(table["label"].to_pylist()[:batch * 8])
+    mean = torch.from_numpy(prepared.mean_image).permute(2, 0, 1)
+    torch.manual_seed(0)
+    model = build_model(num_classes=prepared.num_classes, width=width, image_size=crop, init="pytorch")
+    opt = build_optimizer("paper", model.parameters(), 0.01, 0.9, 5e-4)
+    size = images.shape[1]
+    times = []
+    for step in range(steps + 2):
+        i = (step % 8) * batch
+        y0, x0 = np.random.randint(0, size - crop + 1, 2)
+        x = images[i:i + batch].permute(0, 3, 1, 2).float() - mean
+        x = x[:, :, y0:y0 + crop, x0:x0 + crop]
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), labels[i:i + batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return batch / float(np.median(times[2:]))
+
+
+def train_py(prepared, width: float, crop: int, epochs: int, batch: int, work: Path) -> float:
+    """Best per-epoch images/s that pipelines/train.py reports (training steps, data waits included)."""
+    from mlflow import MlflowClient
+
+    from pipelines import train
+
+    uri = f"sqlite:///{work / 'mlflow-train.db'}"
+    name = f"bench-{int(time.time())}"
+    argv = ["--data", str(prepared.path), "--num-workers", "1", "--width", str(width), "--image-size", str(crop),
+            "--init", "pytorch", "--batch-size", str(batch), "--epochs", str(epochs), "--tracking-uri", uri,
+            "--storage-path", str(work / "ckpt"), "--run-name", name, "--eval-10crop-every", "0"]
+    assert train.main(argv) == 0
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("alexnet-ray").experiment_id],
+                             filter_string=f"tags.ray_run_name = '{name}'")[0]
+    return max(m.value for m in client.get_metric_history(run.info.run_id, "images_per_s")[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("bench/out"),
+                        help="bench/preprocess_speed.py's workdir (raw tree imagenet-N and its output out-stats)")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--width", type=float, default=0.5, help="P4 model width")
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    import ray
+
+    from alexnet.train import read_prepared
+
+    work = args.workdir.resolve()
+    raw, prepared = work / f"imagenet-{args.images}", read_prepared(work / "out-stats")
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    ours = our_input(prepared, args.crop, args.epochs)
+    theirs = torchvision_input(raw, prepared, args.crop, args.epochs)
+    print(f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, torch "
+          f"{torch.__version__}; {prepared.summary['rows_written']['train']} images, {args.crop}px crops; best epoch")
+    print(f"P3 ImageFolder+DataLoader(2)  {theirs:8.1f} img/s")
+    print(f"P3 Ray Data from Parquet      {ours:8.1f} img/s   ratio {ours / theirs:.2f}x  (target >= 3x)")
+    plain = plain_loop(prepared, args.width, args.crop, steps=8, batch=64)
+    ours_train = train_py(prepared, args.width, args.crop, args.epochs, 64, work)
+    print(f"P4 plain PyTorch loop         {plain:8.1f} img/s   (width {args.width}, batch 64, data in memory)")
+    print(f"P4 pipelines/train.py         {ours_train:8.1f} img/s   ratio {ours_train / plain:.2f}x  (target >= 0.9x)")
+    print(json.dumps({"P3": ours / theirs, "P4": ours_train / plain}))
+
+
+if __name__ == "__main__":
+    main()

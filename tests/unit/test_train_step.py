@@ -1,0 +1,67 @@
+"""The worker's epoch and evaluation functions, without Ray: CPU here, CUDA (towers split) where present."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alexnet.augment import Normalizer
+from alexnet.config import TrainConfig
+from alexnet.model import build_model
+from alexnet.optim import build_optimizer
+from alexnet.train import evaluate, train_epoch
+
+SIZE, CROP, CLASSES = 72, 64, 3
+
+
+def _batches(n_batches: int, batch: int, seed: int, whole: bool = False):
+    """Class k = images brighter in channel k; as the Ray Data stages would hand them over."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_batches):
+        labels = rng.integers(0, CLASSES, batch)
+        side = SIZE if whole else CROP
+        images = rng.integers(0, 120, (batch, 3, side, side))
+        images[np.arange(batch), labels] += 120
+        b = {"image": torch.from_numpy(images.astype(np.uint8)), "label": torch.from_numpy(labels)}
+        if not whole:
+            b |= {"offset": torch.from_numpy(rng.integers(0, SIZE - CROP + 1, (batch, 2)).astype(np.int32)),
+                  "flip": torch.from_numpy(rng.random(batch) < 0.5), "light": torch.zeros(batch, 3)}
+        out.append(b)
+    return out
+
+
+def _run(devices, amp=False, channels_last=False):
+    cfg = TrainConfig(data="unused", width=0.25, image_size=CROP, init="pytorch", amp=amp, channels_last=channels_last,
+                      lr=0.005, dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(num_classes=CLASSES, devices=devices, **cfg.model_options())
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer("paper", model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    norm = Normalizer(np.full((SIZE, SIZE, 3), 60.0, np.float32), devices[0], channels_last=channels_last)
+    before = evaluate(model, _batches(4, 16, 99, whole=True), norm, cfg, SIZE, "center", devices[0])
+    stats = [train_epoch(model, opt, _batches(12, 16, seed), norm, cfg, devices[0]) for seed in range(4)]
+    after = evaluate(model, _batches(4, 16, 99, whole=True), norm, cfg, SIZE, "10crop", devices[0])
+    return before, stats, after
+
+
+def test_an_epoch_sums_what_workers_add_up_and_the_net_learns_on_cpu():
+    before, stats, after = _run([torch.device("cpu")])
+    assert all(s["n"] == 12 * 16 for s in stats)
+    assert 0 <= stats[-1]["correct"] <= stats[-1]["n"] and stats[-1]["waited"] >= 0
+    assert stats[-1]["loss_sum"] / stats[-1]["n"] < stats[0]["loss_sum"] / stats[0]["n"]
+    assert before["n"] == after["n"] == 64
+    assert after["top1"] > before["top1"] and after["top1"] >= 0.8 * 64
+    assert after["top5"] == 64  # 3 classes: the top 5 always holds the label
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp, channels_last", [(False, False), (True, True)])
+def test_towers_on_two_cuda_devices_learn(amp, channels_last):
+    n = torch.cuda.device_count()
+    devices = [torch.device("cuda", 0), torch.device("cuda", min(1, n - 1))]
+    before, stats, after = _run(devices, amp, channels_last)
+    assert stats[-1]["loss_sum"] / stats[-1]["n"] < stats[0]["loss_sum"] / stats[0]["n"]
+    assert after["top1"] >= 0.8 * 64
