@@ -17,6 +17,9 @@ demo: $(VENV)/.installed
 	$(PY) pipelines/preprocess.py --input $(DEMO_DIR)/imagenet-sample --output $(DEMO_DIR)/prepared --size 72 --overwrite
 	$(PY) pipelines/train.py --data $(DEMO_DIR)/prepared --num-workers 2 --width 0.25 --image-size 64 \
 		--init pytorch --batch-size 32 --epochs 8 --eval-10crop-every 4 --storage-path $(DEMO_DIR)/ray_results
+	$(PY) pipelines/tune.py --data $(DEMO_DIR)/prepared --width 0.25 --image-size 64 --init pytorch \
+		--batch-size 32 --epochs 3 --num-samples 3 --grace-period 1 --eval-10crop-every 0 \
+		--storage-path $(DEMO_DIR)/ray_results
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -28,22 +28,34 @@ def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in resources.items())
 
 
+def _alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def worker_capacity(per_worker: dict[str, float]) -> int:
+    """How many workers of `per_worker` resources the live nodes hold at once (each on one node)."""
+    need = {k: v for k, v in per_worker.items() if v > 0}
+    if not need:
+        return 10**6
+    return sum(min(int(r.get(k, 0.0) // v) for k, v in need.items()) for r in _alive_nodes())
+
+
 def check_resources(per_worker: dict[str, float], num_workers: int, spare_cpus: float = 0.0) -> None:
     """UsageError naming what is missing when the live nodes cannot hold `num_workers` workers.
 
     Each worker's resources must fit on one node; `spare_cpus` must remain for other tasks
     (Ray Data's decoding) once every worker is placed.
     """
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = _alive_nodes()
     need = {k: v for k, v in per_worker.items() if v > 0}
     for key, amount in need.items():
         largest = max((r.get(key, 0.0) for r in nodes), default=0.0)
         if largest < amount:
             raise UsageError(f"one worker needs {amount:g} {key} on a single node, but the largest node of this "
                              f"cluster has {largest:g} {key} (nodes: {len(nodes)})")
-    capacity = sum(min(int(r.get(k, 0.0) // v) for k, v in need.items()) for r in nodes) if need else num_workers
+    capacity = worker_capacity(per_worker)
     if capacity < num_workers:
         raise UsageError(f"this cluster holds at most {capacity} worker(s) of {_fmt(need)}, "
                          f"but --num-workers is {num_workers}")

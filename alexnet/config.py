@@ -144,6 +144,24 @@ def field(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) -
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
+# The model's options, shared by ModelConfig (alexnet.model) and TrainConfig: name -> (default, help, metadata).
+MODEL_OPTIONS: dict[str, tuple[Any, str, dict]] = {
+    "arch": ("paper", "paper: two towers as in 2012; owt: torchvision's single column",
+             {"choices": ("paper", "owt")}),
+    "width": (1.0, "multiplier of every layer's channel and neuron count (0.25 for CPU trials)", {}),
+    "init": ("paper", "paper: N(0, 0.01) weights and the paper's biases; pytorch: layer defaults "
+             "(narrow nets need it)", {"choices": ("paper", "pytorch")}),
+    "bias_value": (1.0, "paper init: bias of conv2/4/5 and fc6/7 (Caffe used 0.1)", {}),
+    "dropout": (0.5, "dropout probability of fc6 and fc7", {}),
+    "image_size": (224, "input side (training: the random crop, at most the stored size); fc6 follows from it", {}),
+}
+
+
+def model_field(name: str) -> Any:
+    default, help, metadata = MODEL_OPTIONS[name]
+    return field(default, help=help, **metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig(ConfigBase):
     """`pipelines/preprocess.py`: an ImageNet tree to Parquet shards plus mean image and RGB PCA."""
@@ -201,14 +219,12 @@ class TrainConfig(ConfigBase):
     max_lr_drops: int = field(3, help="at most this many divisions by 10 (the paper made 3)")
     seed: int = field(0, help="seed of the initial weights and the dropout masks")
     # the model
-    arch: str = field("paper", help="paper: two towers as in 2012; owt: torchvision's single column",
-                      choices=("paper", "owt"))
-    width: float = field(1.0, help="multiplier of every layer's width (0.25 for CPU trials)")
-    init: str = field("paper", help="paper: N(0, 0.01) and the paper's biases; pytorch: layer defaults "
-                      "(narrow nets need it)", choices=("paper", "pytorch"))
-    bias_value: float = field(1.0, help="paper init: bias of conv2/4/5 and fc6/7 (Caffe used 0.1)")
-    dropout: float = field(0.5, help="dropout probability of fc6 and fc7")
-    image_size: int = field(224, help="side of the random training crop; at most the stored size")
+    arch: str = model_field("arch")
+    width: float = model_field("width")
+    init: str = model_field("init")
+    bias_value: float = model_field("bias_value")
+    dropout: float = model_field("dropout")
+    image_size: int = model_field("image_size")
     # augmentation and input
     pca_lighting: bool = field(True, help="the paper's PCA colour augmentation")
     lighting_sigma: float = field(0.1, help="std of the PCA lighting coefficients")
@@ -257,3 +273,30 @@ class TrainConfig(ConfigBase):
         """Keyword arguments of alexnet.model.build_model (besides num_classes and devices)."""
         return dict(arch=self.arch, width=self.width, init=self.init, bias_value=self.bias_value,
                     dropout=self.dropout, image_size=self.image_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig(TrainConfig):
+    """`pipelines/tune.py`: every training flag (the base of each trial) plus the sweep's own."""
+
+    num_samples: int = field(8, help="trials (with --search grid: repeats of the whole grid)")
+    max_concurrent: int | None = field(None, help="trials at once (default: what the cluster can run at once)")
+    scheduler: str = field("asha", help="asha: stop weak trials early; none: run every trial to the end",
+                           choices=("asha", "none"))
+    grace_period: int = field(1, help="ASHA: epochs every trial runs before it can be stopped")
+    search: str = field("random", help="random: sample the space; grid: every combination of its grid lists",
+                        choices=("random", "grid"))
+    space: Path | None = field(None, help="YAML search space (default: lr, weight decay, dropout around the paper)")
+    sweep_name: str | None = field(None, help="name of the sweep (storage folder and MLflow parent run)")
+    resume: bool = field(False, help="continue the interrupted sweep --sweep-name without re-running finished trials")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_samples < 1 or self.grace_period < 1 or (self.max_concurrent is not None and self.max_concurrent < 1):
+            raise UsageError("--num-samples, --grace-period and --max-concurrent must be at least 1")
+        if self.resume and not self.sweep_name:
+            raise UsageError("--resume needs the --sweep-name of the sweep to continue")
+
+    def train_config(self) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig.from_dict({k: v for k, v in self.to_dict().items() if k in names})

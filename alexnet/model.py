@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet.config import ConfigBase, field
+from alexnet.config import ConfigBase, field, model_field
 
 PAPER_CHANNELS = (96, 256, 384, 384, 256)     # both towers together
 PAPER_FC = 4096
@@ -27,15 +27,13 @@ LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)  # torch divides alpha by size,
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(ConfigBase):
-    arch: str = field("paper", help="paper: two towers as in 2012; owt: torchvision's single column",
-                      choices=("paper", "owt"))
+    arch: str = model_field("arch")
     num_classes: int = field(1000, help="size of the output layer")
-    width: float = field(1.0, help="multiplier of every layer's channel and neuron count")
-    init: str = field("paper", help="paper: N(0, 0.01) weights and the paper's biases; pytorch: layer defaults",
-                      choices=("paper", "pytorch"))
-    bias_value: float = field(1.0, help="paper init: bias of conv2/4/5 and fc6/7 (Caffe used 0.1)")
-    dropout: float = field(0.5, help="dropout probability of fc6 and fc7")
-    image_size: int = field(224, help="input side; fc6's input size follows from it")
+    width: float = model_field("width")
+    init: str = model_field("init")
+    bias_value: float = model_field("bias_value")
+    dropout: float = model_field("dropout")
+    image_size: int = model_field("image_size")
 
     def __post_init__(self) -> None:
         if self.num_classes < 1 or self.width <= 0 or not 0 <= self.dropout < 1:

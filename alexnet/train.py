@@ -370,7 +370,7 @@ def build_trainer(cfg: TrainConfig, prepared: Prepared, run_config):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     gpu = cfg.gpus_per_worker > 0
-    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": float(cfg.gpus_per_worker)} if gpu else {})
+    resources = {k: v for k, v in per_worker_resources(cfg).items() if k == "CPU" or v > 0}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "num_classes": prepared.num_classes, "size": prepared.size,
@@ -497,11 +497,12 @@ def _learning_curves_png(uri: str, run_id: str, path: Path) -> None:
     plt.close(fig)
 
 
-def run_training(cfg: TrainConfig, log: Log = print) -> dict:
-    """The whole run; returns a summary (MLflow run id, best error, model URI). Raises UsageError before any work."""
-    from mlflow import MlflowClient
-    from ray.train import TrainingFailedError
+def per_worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    return {"CPU": cfg.cpus_per_worker, "GPU": float(cfg.gpus_per_worker)}
 
+
+def preflight(cfg: TrainConfig) -> tuple[Prepared, str, str]:
+    """Every check that can fail before training starts (UsageError), then Ray: (data, tracking URI, storage)."""
     from alexnet.cluster import check_resources, connect_ray
     from alexnet.tracking import absolute_uri, check_tracking_uri, resolve_tracking_uri
 
@@ -509,12 +510,20 @@ def run_training(cfg: TrainConfig, log: Log = print) -> dict:
     check_image_size(cfg, prepared)
     uri = absolute_uri(resolve_tracking_uri(cfg.tracking_uri))
     check_tracking_uri(uri)
-    storage = storage_path(cfg.storage_path)
-    name = cfg.run_name or time.strftime("alexnet-%Y%m%d-%H%M%S")
     connect_ray(cfg.address, min_cpus=cfg.num_workers * cfg.cpus_per_worker + 1)
     if cfg.check_resources:
-        check_resources({"CPU": cfg.cpus_per_worker, "GPU": float(cfg.gpus_per_worker)}, cfg.num_workers,
-                        spare_cpus=1.0)
+        # one CPU beyond the workers: Ray Data's decoding tasks need somewhere to run
+        check_resources(per_worker_resources(cfg), cfg.num_workers, spare_cpus=1.0)
+    return prepared, uri, storage_path(cfg.storage_path)
+
+
+def run_training(cfg: TrainConfig, log: Log = print) -> dict:
+    """The whole run; returns a summary (MLflow run id, best error, model URI). Raises UsageError before any work."""
+    from mlflow import MlflowClient
+    from ray.train import TrainingFailedError
+
+    prepared, uri, storage = preflight(cfg)
+    name = cfg.run_name or time.strftime("alexnet-%Y%m%d-%H%M%S")
     run_id, resumed = _mlflow_run(uri, cfg, name, storage, prepared, log)
     client = MlflowClient(uri)
     log(f"MLflow run {run_id} ({uri}); checkpoints under {storage}/{name}")

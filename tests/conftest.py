@@ -34,7 +34,8 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # 4 logical CPUs on 2 cores: two training workers plus Ray Data tasks must fit at once
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # the dashboard process is kept: Tune driving Train trials needs it to remove placement groups
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -60,3 +61,26 @@ def prepared(sample_tree, ray_cluster, mlflow_uri, tmp_path_factory) -> tuple[Pa
     out = tmp_path_factory.mktemp("prepared") / "out"
     cfg = PreprocessConfig(input=sample_tree[0], output=out, size=PREPARED_SIZE, tracking_uri=mlflow_uri)
     return out, run_preprocess(cfg, log=lambda _: None)
+
+
+# A small net that a CPU trains in seconds (the paper's init stalls at this width: see README).
+SMALL_TRAIN_ARGS = ["--width", "0.25", "--image-size", "64", "--init", "pytorch", "--batch-size", "32",
+                    "--lr", "0.01", "--eval-10crop-every", "0", "--shuffle-buffer", "256"]
+
+
+@pytest.fixture
+def small_args() -> list[str]:
+    return list(SMALL_TRAIN_ARGS)
+
+
+@pytest.fixture(scope="session")
+def learnable(ray_cluster, mlflow_uri, tmp_path_factory) -> Path:
+    """4 classes x 50 training images, 72 px shards: enough for a narrow net to beat chance quickly."""
+    from alexnet.preprocess import run_preprocess
+
+    root = tmp_path_factory.mktemp("learnable") / "root"
+    make_sample(SampleConfig(output=root, num_classes=4, train_per_class=50, val_per_class=12, seed=11,
+                             quirks=False, min_side=72, max_side=160))
+    out = root.parent / "prepared"
+    run_preprocess(PreprocessConfig(input=root, output=out, size=72, tracking_uri=mlflow_uri), log=lambda _: None)
+    return out

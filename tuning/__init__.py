@@ -1,0 +1,1 @@
+"""Ray Tune search spaces for alexnet-ray sweeps."""

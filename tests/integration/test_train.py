@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from alexnet.config import PreprocessConfig
-from alexnet.preprocess import run_preprocess
-from alexnet.sample import SampleConfig, make_sample
 from pipelines import train as cli
-
-# A small net that a CPU trains in seconds (the paper's init stalls at this width: see README).
-SMALL = ["--width", "0.25", "--image-size", "64", "--init", "pytorch", "--batch-size", "32",
-         "--lr", "0.01", "--eval-10crop-every", "0", "--shuffle-buffer", "256"]
-
-
-@pytest.fixture(scope="session")
-def learnable(ray_cluster, mlflow_uri, tmp_path_factory) -> Path:
-    """4 classes x 50 training images, 72 px shards: enough for a narrow net to beat chance quickly."""
-    root = tmp_path_factory.mktemp("learnable") / "root"
-    make_sample(SampleConfig(output=root, num_classes=4, train_per_class=50, val_per_class=12, seed=11,
-                             quirks=False, min_side=72, max_side=160))
-    out = root.parent / "prepared"
-    run_preprocess(PreprocessConfig(input=root, output=out, size=72, tracking_uri=mlflow_uri), log=lambda _: None)
-    return out
 
 
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -48,9 +27,9 @@ def _run_id(uri: str, name: str) -> str:
     return run.info.run_id
 
 
-def test_two_cpu_workers_learn_and_log_everything(learnable, mlflow_uri, tmp_path, capsys):
+def test_two_cpu_workers_learn_and_log_everything(learnable, small_args, mlflow_uri, tmp_path, capsys):
     argv = ["--data", str(learnable), "--num-workers", "2", "--epochs", "8", "--run-name", "learns",
-            "--storage-path", str(tmp_path / "ckpt"), *SMALL, "--eval-10crop-every", "4"]
+            "--storage-path", str(tmp_path / "ckpt"), *small_args, "--eval-10crop-every", "4"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     run_id = _run_id(mlflow_uri, "learns")
@@ -81,8 +60,8 @@ def test_two_cpu_workers_learn_and_log_everything(learnable, mlflow_uri, tmp_pat
         assert tuple(model(torch.zeros(n, 3, 64, 64)).shape) == (n, 4)
 
 
-def test_resume_continues_at_the_next_epoch_with_the_saved_state(learnable, mlflow_uri, tmp_path):
-    common = ["--data", str(learnable), "--run-name", "resumes", "--storage-path", str(tmp_path / "ckpt"), *SMALL]
+def test_resume_continues_at_the_next_epoch_with_the_saved_state(learnable, small_args, mlflow_uri, tmp_path):
+    common = ["--data", str(learnable), "--run-name", "resumes", "--storage-path", str(tmp_path / "ckpt"), *small_args]
     assert cli.main([*common, "--epochs", "2"]) == 0
     run_id = _run_id(mlflow_uri, "resumes")
     first = _history(mlflow_uri, run_id, "train/loss")
@@ -101,10 +80,10 @@ def test_resume_continues_at_the_next_epoch_with_the_saved_state(learnable, mlfl
     assert all(s["optimizer"]["state"] for s in states)
 
 
-def test_a_killed_worker_is_replaced_and_the_run_finishes_all_epochs(learnable, mlflow_uri, tmp_path):
+def test_a_killed_worker_is_replaced_and_the_run_finishes_all_epochs(learnable, small_args, mlflow_uri, tmp_path):
     storage = tmp_path / "ckpt"
     argv = ["--data", str(learnable), "--num-workers", "2", "--epochs", "5", "--run-name", "recovers",
-            "--storage-path", str(storage), "--max-failures", "2", *SMALL]
+            "--storage-path", str(storage), "--max-failures", "2", *small_args]
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("rc", cli.main(argv)))
     thread.start()
@@ -128,15 +107,15 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_all_epochs(learnable, 
     (["--num-workers", "16"], "holds at most"),
     (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
 ])
-def test_requests_that_cannot_work_exit_2_at_once(learnable, tmp_path, capsys, extra, message):
-    argv = ["--data", str(learnable), "--storage-path", str(tmp_path), *SMALL, *extra]
+def test_requests_that_cannot_work_exit_2_at_once(learnable, small_args, tmp_path, capsys, extra, message):
+    argv = ["--data", str(learnable), "--storage-path", str(tmp_path), *small_args, *extra]
     start = time.time()
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
     assert time.time() - start < 30
 
 
-def test_missing_or_unfinished_data_exits_2(learnable, tmp_path, capsys):
+def test_missing_or_unfinished_data_exits_2(learnable, small_args, tmp_path, capsys):
     assert cli.main(["--data", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     unfinished = tmp_path / "unfinished"
@@ -146,3 +125,14 @@ def test_missing_or_unfinished_data_exits_2(learnable, tmp_path, capsys):
     assert cli.main(["--data", str(unfinished)]) == 2
     assert "unfinished preprocessing output" in capsys.readouterr().err
 
+
+
+@pytest.mark.gpu
+def test_one_gpu_per_worker_runs_the_towers_on_it(learnable, small_args, mlflow_uri, tmp_path):
+    import torch
+
+    argv = ["--data", str(learnable), "--gpus-per-worker", "1", "--epochs", "1", "--run-name", "gpu1",
+            "--storage-path", str(tmp_path), *small_args]
+    assert cli.main(argv) == 0
+    if torch.cuda.device_count() >= 2:
+        assert cli.main([*argv[:-len(small_args)], "--gpus-per-worker", "2", "--run-name", "gpu2", *small_args]) == 0

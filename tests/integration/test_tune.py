@@ -1,0 +1,124 @@
+"""pipelines/tune.py on the shared local Ray instance: ASHA, MLflow parent/children, resume, bad spaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipelines import tune as cli
+from tuning.space import contains
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _children(uri: str, parent_id: str):
+    client = MlflowClient(uri)
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def _parent(uri: str, sweep: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("alexnet-ray")
+    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.sweep_name = '{sweep}'")
+    return run
+
+
+def test_a_four_trial_sweep_with_asha_logs_a_parent_and_one_child_per_trial(learnable, small_args, mlflow_uri,
+                                                                            tmp_path, capsys):
+    # a grid that holds a hopeless learning rate: ASHA must stop its trial at the first rung
+    space = {"lr": {"grid": [0.01, 1e-6]}, "dropout": {"uniform": [0.3, 0.7]}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    argv = ["--data", str(learnable), *small_args, "--batch-size", "16", "--epochs", "3", "--num-samples", "2",
+            "--search", "grid",
+            "--space", str(tmp_path / "space.yaml"), "--grace-period", "2", "--max-concurrent", "1",
+            "--sweep-name", "asha", "--storage-path", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "retrain with:" in out and "python pipelines/train.py --data" in out
+    parent = _parent(mlflow_uri, "asha")
+    assert parent.info.status == "FINISHED"
+    assert json.loads(parent.data.params["space"]) == space
+    assert "best/val/top1_err" in parent.data.metrics
+    assert json.loads(parent.data.tags["best_config"])["lr"] == 0.01
+    children = _children(mlflow_uri, parent.info.run_id)
+    assert len(children) == 4
+    epochs = []
+    for child in children:
+        assert child.info.status == "FINISHED"
+        for key, spec in space.items():
+            assert contains(spec, float(child.data.params[key])), (key, child.data.params[key])
+        assert child.data.params["width"] == "0.25"  # the full config, not only the sampled values
+        epochs.append(len(MlflowClient(mlflow_uri).get_metric_history(child.info.run_id, "val/top1_err")))
+    assert min(epochs) < 3 == max(epochs), epochs  # ASHA stopped at least one trial early
+    assert any(c.data.tags["stopped_early"] == "True" for c in children)
+    assert MlflowClient(mlflow_uri).list_artifacts(parent.info.run_id, "tune")
+    # Tune and Train leave no placement group behind (their cleaners remove them within seconds)
+    import ray
+
+    deadline, left = time.time() + 60, None
+    while time.time() < deadline and left != []:
+        left = [pg["bundles"] for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+        time.sleep(1)
+    assert left == [], left
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(learnable, small_args, mlflow_uri, ray_cluster,
+                                                                         tmp_path):
+    argv = ["--data", str(learnable), *small_args, "--epochs", "2", "--num-samples", "3", "--max-concurrent", "1",
+            "--scheduler", "none", "--sweep-name", "resumable", "--storage-path", str(tmp_path),
+            "--tracking-uri", mlflow_uri]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "pipelines/tune.py", *argv, "--address", ray_cluster], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        finished = []
+        while time.time() < deadline and not finished:
+            time.sleep(1)
+            try:
+                parent = _parent(mlflow_uri, "resumable")
+            except ValueError:
+                continue
+            finished = [c for c in _children(mlflow_uri, parent.info.run_id) if c.info.status == "FINISHED"]
+        assert finished, "no trial finished before the deadline"
+        time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = {c.info.run_id: len(MlflowClient(mlflow_uri).get_metric_history(c.info.run_id, "epoch"))
+                   for c in finished}
+    assert cli.main([*argv, "--resume"]) == 0
+    parent = _parent(mlflow_uri, "resumable")
+    children = _children(mlflow_uri, parent.info.run_id)
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    for run_id, n in done_before.items():  # finished trials were not run again
+        assert len(MlflowClient(mlflow_uri).get_metric_history(run_id, "epoch")) == n
+
+
+@pytest.mark.parametrize("space, message", [
+    ("learning_rate: {loguniform: [0.001, 0.1]}\n", "not a tunable training option"),
+    ("lr: {gaussian: [0.01, 0.1]}\n", "unknown distribution"),
+    ("lr: {loguniform: [0.0, 0.1]}\n", "low > 0"),
+])
+def test_a_bad_search_space_exits_2_before_anything_starts(tmp_path, capsys, space, message):
+    (tmp_path / "space.yaml").write_text(space)
+    start = time.time()
+    assert cli.main(["--data", str(tmp_path), "--space", str(tmp_path / "space.yaml")]) == 2
+    assert message in capsys.readouterr().err
+    assert time.time() - start < 10
+
+
+def test_a_sweep_asking_for_more_gpus_than_any_node_has_exits_2(learnable, small_args, tmp_path, capsys):
+    argv = ["--data", str(learnable), *small_args, "--gpus-per-worker", "2", "--storage-path", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert "2 GPU on a single node" in capsys.readouterr().err
