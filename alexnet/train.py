@@ -241,6 +241,8 @@ def train_loop_per_worker(config: dict) -> None:
         # One CUDA device: the usual DDP; a module spread over two devices (or CPU): device_ids=None.
         single_gpu = len(devices) == 1 and device.type == "cuda"
         net = DistributedDataParallel(model, device_ids=[device] if single_gpu else None)
+    if cfg.compile:
+        net = torch.compile(net)  # training steps only; evaluation and checkpoints use `model` itself
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=0.1, patience=cfg.lr_patience, min_lr=cfg.lr * 0.1 ** cfg.max_lr_drops)

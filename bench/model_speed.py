@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="also time torch.compile'd copies (compile time excluded)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -64,6 +66,10 @@ def main() -> None:
         "paper (2-device placement)": build_model("paper", image_size=args.image_size, devices=[device, device]),
         "torchvision alexnet": torchvision.models.alexnet().to(device),
     }
+    if args.compile:
+        models["paper (1 device), compiled"] = torch.compile(
+            build_model("paper", image_size=args.image_size, devices=[device]).to(memory_format=fmt))
+        models["torchvision alexnet, compiled"] = torch.compile(torchvision.models.alexnet().to(device))
     results = {}
     for name, model in models.items():
         model = model.to(memory_format=fmt).train()

@@ -32,7 +32,7 @@ def _batches(n_batches: int, batch: int, seed: int, whole: bool = False):
     return out
 
 
-def _run(devices, amp=False, channels_last=False):
+def _run(devices, amp=False, channels_last=False, compile=False):
     cfg = TrainConfig(data="unused", width=0.25, image_size=CROP, init="pytorch", amp=amp, channels_last=channels_last,
                       lr=0.005, dropout=0.0)
     torch.manual_seed(0)
@@ -42,7 +42,8 @@ def _run(devices, amp=False, channels_last=False):
     opt = build_optimizer("paper", model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     norm = Normalizer(np.full((SIZE, SIZE, 3), 60.0, np.float32), devices[0], channels_last=channels_last)
     before = evaluate(model, _batches(4, 16, 99, whole=True), norm, cfg, SIZE, "center", devices[0])
-    stats = [train_epoch(model, opt, _batches(12, 16, seed), norm, cfg, devices[0]) for seed in range(4)]
+    net = torch.compile(model) if compile else model  # as the worker does with --compile
+    stats = [train_epoch(net, opt, _batches(12, 16, seed), norm, cfg, devices[0]) for seed in range(4)]
     after = evaluate(model, _batches(4, 16, 99, whole=True), norm, cfg, SIZE, "10crop", devices[0])
     return before, stats, after
 
@@ -58,10 +59,10 @@ def test_an_epoch_sums_what_workers_add_up_and_the_net_learns_on_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("amp, channels_last", [(False, False), (True, True)])
-def test_towers_on_two_cuda_devices_learn(amp, channels_last):
+@pytest.mark.parametrize("amp, channels_last, compile", [(False, False, False), (True, True, False), (True, True, True)])
+def test_towers_on_two_cuda_devices_learn(amp, channels_last, compile):
     n = torch.cuda.device_count()
     devices = [torch.device("cuda", 0), torch.device("cuda", min(1, n - 1))]
-    before, stats, after = _run(devices, amp, channels_last)
+    before, stats, after = _run(devices, amp, channels_last, compile)
     assert stats[-1]["loss_sum"] / stats[-1]["n"] < stats[0]["loss_sum"] / stats[0]["n"]
     assert after["top1"] >= 0.8 * 64
