@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 	$(PY) -m alexnet.sample --output $(DEMO_DIR)/imagenet-sample --num-classes 10 --train-per-class 60 --val-per-class 12 --seed 0
 	$(PY) pipelines/preprocess.py --input $(DEMO_DIR)/imagenet-sample --output $(DEMO_DIR)/prepared --size 72 --overwrite
 	$(PY) pipelines/train.py --data $(DEMO_DIR)/prepared --num-workers 2 --width 0.25 --image-size 64 \
-		--init pytorch --batch-size 32 --epochs 8 --eval-10crop-every 4 --storage-path $(DEMO_DIR)/ray_results
+		--init pytorch --batch-size 32 --lr 0.005 --epochs 8 --eval-10crop-every 4 --storage-path $(DEMO_DIR)/ray_results
 	$(PY) pipelines/tune.py --data $(DEMO_DIR)/prepared --width 0.25 --image-size 64 --init pytorch \
 		--batch-size 32 --epochs 3 --num-samples 3 --grace-period 1 --eval-10crop-every 0 \
 		--storage-path $(DEMO_DIR)/ray_results
