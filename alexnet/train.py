@@ -213,8 +213,7 @@ def _load_checkpoint(model, optimizer, scheduler) -> tuple[int, float]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, math.inf
-    with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    state = load_checkpoint_state(checkpoint)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
