@@ -219,8 +219,8 @@ def process_shard_per_worker(row: dict, *, root: str, out: str, size: int, quali
                 rows, image_bytes = rows + len(buffer["path"]), image_bytes + buffered
                 writer.write_table(pa.table(buffer, schema=SHARD_SCHEMA), row_group_size=max(1, len(buffer["path"])))
         work = Path(out) / WORK_DIR
-        result = {"split": split, "shard": shard, "rows": rows, "bytes": image_bytes,
-                  "rejects": rejects, "seconds": time.perf_counter() - start}
+        result = {"split": split, "shard": shard, "rows": rows, "bytes": image_bytes, "rejects": rejects,
+                  "seconds": time.perf_counter() - start, "node": _node_id()}
         # Side files first, the Parquet rename last: a shard counts as done only once it is visible.
         if moments is not None:
             _atomic_write(work / f"{split}-{shard:05d}.npz", moments.save)
@@ -229,6 +229,12 @@ def process_shard_per_worker(row: dict, *, root: str, out: str, size: int, quali
     finally:
         tmp.unlink(missing_ok=True)
     return {"split": split, "shard": shard, "rows": rows, "rejects": len(rejects), "seconds": result["seconds"]}
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _shard_done(out: Path, split: str, shard: int) -> bool:
@@ -339,10 +345,13 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
     work = out / WORK_DIR
     rows = {s: 0 for s in SPLITS}
     rejects_by_split = {s: [] for s in SPLITS}
+    shards_per_node: dict[str, int] = {}
     moments = PixelMoments.zeros(cfg.size) if cfg.stats else None
     for s in plan["shards"]:
         result = json.loads((work / f"{s['split']}-{s['shard']:05d}.json").read_text())
         rows[s["split"]] += result["rows"]
+        node = result.get("node") or "unknown"
+        shards_per_node[node] = shards_per_node.get(node, 0) + 1
         rejects_by_split[s["split"]] += [tuple(r) for r in result["rejects"]]
         if moments is not None and s["split"] == "train":
             moments.merge(PixelMoments.load(work / f"train-{s['shard']:05d}.npz"))
@@ -387,6 +396,7 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
         "shards": {s: sum(1 for x in plan["shards"] if x["split"] == s) for s in SPLITS},
         "rows_per_shard": plan["rows_per_shard"],
         "num_classes": len(keep),
+        "shards_per_node": shards_per_node,  # Ray node id -> shards it wrote
         "seconds": round(seconds, 3),
         "images_per_s": round(written / seconds, 2),
         "phase_seconds": phases,
@@ -424,6 +434,6 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{s:<6} {summary['files_found'][s]:>12,} {summary['rows_written'][s]:>13,} "
                      f"{summary['rejects'][s]:>8,} {summary['shards'][s]:>7}")
     lines.append(f"{summary['seconds']:.1f}s, {summary['images_per_s']:,.1f} images/s, "
-                 f"{summary['num_classes']} classes, MLflow run {summary.get('mlflow_run_id')}")
+                 f"{summary['num_classes']} classes, {len(summary.get('shards_per_node', {}))} node(s), MLflow run {summary.get('mlflow_run_id')}")
     lines.append("phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["phase_seconds"].items()))
     return "\n".join(lines)

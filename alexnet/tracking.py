@@ -32,6 +32,8 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
                 resp.read()
+        except urllib.error.HTTPError:
+            pass  # it answered (e.g. 401 behind basic auth): reachable
         except (urllib.error.URLError, OSError) as err:
             raise UsageError(f"MLflow tracking server {uri} is unreachable: {err}") from err
     elif uri.startswith("sqlite:///"):

@@ -1,0 +1,215 @@
+"""infra/ proved on one machine: a two-node Ray cluster started with `ray start`, and a real
+`mlflow server` started by infra/mlflow/serve.sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipelines import train as train_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate a process started in its own session and everything it started."""
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=5)  # a test cluster: no need for a graceful drain
+    for p in alive:
+        p.kill()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers that re-parented out of the tree
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_for(check, what: str, timeout_s: float = 90.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise TimeoutError(f"gave up waiting for {what}")
+
+
+# ------------------------------------------------------------- two Ray nodes on one machine
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """`ray start --head` plus `ray start --address` with their own ports and resources; both stopped after."""
+    temp = tempfile.mkdtemp(prefix="r2n", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    gcs, dash, client, *node_ports = _free_ports(15)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    common = ["--num-cpus", "1", "--block", "--disable-usage-stats"]
+
+    def own_ports(p: list[int], worker_ports: str) -> list[str]:
+        return ["--node-manager-port", str(p[0]), "--object-manager-port", str(p[1]),
+                "--dashboard-agent-listen-port", str(p[2]), "--dashboard-agent-grpc-port", str(p[3]),
+                "--metrics-export-port", str(p[4]), "--runtime-env-agent-port", str(p[5]),
+                "--min-worker-port", worker_ports.split("-")[0], "--max-worker-port", worker_ports.split("-")[1]]
+
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+         "--ray-client-server-port", str(client), "--temp-dir", temp, *common,
+         *own_ports(node_ports[:6], "24000-24499")],
+        env=env, start_new_session=True, stdout=open(f"{temp}/head.log", "w"), stderr=subprocess.STDOUT)
+    procs = [head]
+    dashboard = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_for(lambda: len(_alive_nodes(dashboard)) == 1, "the head node")
+        procs.append(subprocess.Popen(
+            [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
+             *common, *own_ports(node_ports[6:12], "24500-24999")],
+            env=env, start_new_session=True, stdout=open(f"{temp}/worker.log", "w"), stderr=subprocess.STDOUT))
+        nodes = _wait_for(lambda: (n := _alive_nodes(dashboard)) and len(n) == 2 and n, "the second node")
+        yield {"address": f"127.0.0.1:{gcs}", "dashboard": dashboard, "nodes": nodes, "env": env}
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def _alive_nodes(dashboard: str) -> list[str]:
+    """Node ids of the cluster's alive nodes, from its dashboard's state API."""
+    try:
+        with urllib.request.urlopen(f"{dashboard}/api/v0/nodes?limit=100", timeout=5) as resp:
+            body = json.load(resp)
+    except OSError:
+        return []
+    return sorted(n["node_id"] for n in body["data"]["result"]["result"] if n["state"] == "ALIVE")
+
+
+def test_preprocess_with_address_runs_on_both_nodes(two_node_cluster, sample_tree, tmp_path):
+    root, made = sample_tree
+    out = tmp_path / "prepared"
+    cmd = [sys.executable, str(ROOT / "pipelines" / "preprocess.py"), "--input", str(root), "--output", str(out),
+           "--size", "48", "--address", two_node_cluster["address"],
+           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    done = subprocess.run(cmd, env=two_node_cluster["env"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 node(s)" in done.stdout
+
+    summary = json.loads((out / "summary.json").read_text())
+    # the shards were written by tasks on both nodes of this cluster, and by no other node
+    assert sorted(summary["shards_per_node"]) == two_node_cluster["nodes"]
+    assert sum(summary["shards_per_node"].values()) == sum(summary["shards"].values())
+    # the output is complete: every valid file became a row
+    for split in ("train", "val"):
+        broken = sum(1 for p in made["broken"] if p.startswith(f"{split}/"))
+        assert summary["rows_written"][split] == made[split] - broken
+    assert len(list((out / "train").glob("*.parquet"))) == summary["shards"]["train"]
+    assert (out / "mean_image.npy").is_file() and (out / "pca.json").is_file()
+
+    # Ray's own record agrees: the cluster ran tasks on both nodes
+    with urllib.request.urlopen(f"{two_node_cluster['dashboard']}/api/v0/tasks?limit=10000&detail=1",
+                                timeout=30) as resp:
+        tasks = json.load(resp)["data"]["result"]["result"]
+    task_nodes = {t["node_id"] for t in tasks if t.get("state") == "FINISHED" and t.get("node_id")}
+    assert task_nodes == set(two_node_cluster["nodes"])
+
+
+# ------------------------------------------------------------- a real MLflow tracking server
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """infra/mlflow/serve.sh with its defaults but a free port and a temporary store."""
+    work = tmp_path_factory.mktemp("mlflow-server")
+    (port,) = _free_ports(1)
+    env = dict(os.environ, MLFLOW_PORT=str(port), MLFLOW=str(BIN / "mlflow"), MLFLOW_WORKERS="1",
+               MLFLOW_BACKEND_STORE_URI=f"sqlite:///{work / 'server.db'}",
+               MLFLOW_ARTIFACTS_DESTINATION=str(work / "artifacts"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(work / "server.log", "w")
+    proc = subprocess.Popen([str(ROOT / "infra" / "mlflow" / "serve.sh")], env=env, cwd=work,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(work / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    try:
+        _wait_for(healthy, "the MLflow server", timeout_s=120)
+        yield {"url": url, "pid": proc.pid, "port": port, "artifacts": work / "artifacts"}
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def test_mlflow_server_listens_on_loopback_only_by_default(mlflow_server):
+    tree = [psutil.Process(mlflow_server["pid"]), *psutil.Process(mlflow_server["pid"]).children(recursive=True)]
+    listening = {c.laddr for p in tree for c in p.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == mlflow_server["port"]}
+    assert listening and {a.ip for a in listening} == {"127.0.0.1"}
+
+
+def test_training_run_lands_on_the_tracking_server(mlflow_server, prepared, small_args, tmp_path, capsys):
+    url = mlflow_server["url"]
+    argv = ["--data", str(prepared[0]), "--epochs", "1", "--run-name", "to-server", "--tracking-uri", url,
+            "--storage-path", str(tmp_path / "ckpt"), "--experiment", "server-test", *small_args]
+    assert train_cli.main(argv) == 0
+    client = MlflowClient(url)
+    exp = client.get_experiment_by_name("server-test")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert f"MLflow run id: {run.info.run_id}" in capsys.readouterr().out
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lr"] == "0.005" and run.data.params["width"] == "0.25"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1_err")] == [1]
+    # artifacts travel through the server (--serve-artifacts) into its artifact destination
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "train")} >= {"train/learning_curves.png"}
+    assert any(mlflow_server["artifacts"].rglob("learning_curves.png"))
+    # the model: a LoggedModel on the server that loads back through it and takes any batch size
+    (model,) = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    assert model.source_run_id == run.info.run_id
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(url)
+    try:
+        net = mlflow.pytorch.load_model(f"models:/{model.model_id}")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    with torch.no_grad():
+        logits = net(torch.zeros(3, 3, 64, 64))
+    assert logits.shape == (3, prepared[1]["num_classes"]) and np.isfinite(logits.numpy()).all()
