@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
+DEMO_GROUP := demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: demo test bench clean
 
@@ -16,7 +17,10 @@ demo: $(VENV)/.installed
 	$(PY) -m alexnet.sample --output $(DEMO_DIR)/imagenet-sample --num-classes 10 --train-per-class 60 --val-per-class 12 --seed 0
 	$(PY) pipelines/preprocess.py --input $(DEMO_DIR)/imagenet-sample --output $(DEMO_DIR)/prepared --size 72 --overwrite
 	$(PY) pipelines/train.py --data $(DEMO_DIR)/prepared --num-workers 2 --width 0.25 --image-size 64 \
-		--init pytorch --batch-size 32 --lr 0.005 --epochs 8 --eval-10crop-every 4 --storage-path $(DEMO_DIR)/ray_results
+		--init pytorch --batch-size 32 --lr 0.005 --epochs 6 --eval-10crop-every 3 --storage-path $(DEMO_DIR)/ray_results \
+		--seeds 3 --run-name $(DEMO_GROUP)
+	$(PY) pipelines/evaluate.py --data $(DEMO_DIR)/prepared --experiment alexnet-ray \
+		--filter "tags.ensemble_group = '$(DEMO_GROUP)'" --sizes 1 3 --crops both
 	$(PY) pipelines/tune.py --data $(DEMO_DIR)/prepared --width 0.25 --image-size 64 --init pytorch \
 		--batch-size 32 --epochs 3 --num-samples 3 --grace-period 1 --eval-10crop-every 0 \
 		--storage-path $(DEMO_DIR)/ray_results

@@ -52,8 +52,10 @@ def train_batch(batch: dict, *, crop: int, eigenvalues: np.ndarray, eigenvectors
 def eval_batch(batch: dict) -> dict:
     """Ray Data map_batches: stored JPEGs -> whole (N, 3, S, S) uint8 images; crops are taken on device."""
     images = decode_images(batch["image"])
-    return {"image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
-            "label": np.asarray(batch["label"], np.int64)}
+    out = {"image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)), "label": np.asarray(batch["label"], np.int64)}
+    if "path" in batch:  # evaluation keeps each image's identity
+        out["path"] = np.asarray(batch["path"])
+    return out
 
 
 def view_offsets(size: int, crop: int) -> dict[str, tuple[int, int]]:

@@ -61,6 +61,10 @@ class ConfigBase:
                 kw["choices"] = f.metadata["choices"]
             if tp is bool:
                 kw["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(tp) is tuple:  # tuple[int, ...]: one or more values
+                kw["nargs"] = "+"
+                kw["type"] = typing.get_args(tp)[0]
+                kw["metavar"] = f.metadata.get("metavar", f.name.upper().rstrip("S"))
             else:
                 kw["type"] = tp if tp in (int, float, str) else (Path if tp is Path else str)
                 kw["metavar"] = f.metadata.get("metavar", f.name.upper())
@@ -132,6 +136,10 @@ def _coerce(tp: Any, value: Any) -> Any:
         raise UsageError(f"a value is required (got None for a {getattr(tp, '__name__', tp)})")
     if tp is Path:
         return Path(value)
+    if typing.get_origin(tp) is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(typing.get_args(tp)[0], v) for v in value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, str, bool, float) and not isinstance(value, tp):
@@ -153,6 +161,8 @@ MODEL_OPTIONS: dict[str, tuple[Any, str, dict]] = {
              "(narrow nets need it)", {"choices": ("paper", "pytorch")}),
     "bias_value": (1.0, "paper init: bias of conv2/4/5 and fc6/7 (Caffe used 0.1)", {}),
     "dropout": (0.5, "dropout probability of fc6 and fc7", {}),
+    "extra_conv": (False, "a sixth conv layer (3x3, conv5's channels) over pool5, as in the paper's "
+                   "pre-trained ensemble members", {}),
     "image_size": (224, "input side (training: the random crop, at most the stored size); fc6 follows from it", {}),
 }
 
@@ -218,12 +228,18 @@ class TrainConfig(ConfigBase):
     lr_patience: int = field(5, help="epochs without a better val/top1_err before the learning rate is divided by 10")
     max_lr_drops: int = field(3, help="at most this many divisions by 10 (the paper made 3)")
     seed: int = field(0, help="seed of the initial weights and the dropout masks")
+    seeds: int = field(1, help="train this many members alike, seeds --seed, --seed+1, ...: one ensemble group "
+                       "(runs NAME-seedS, tag ensemble_group=NAME)")
+    init_from: str | None = field(None, help="start from these weights (fine-tuning): an MLflow run id of a training "
+                                  "run or a checkpoint folder/state.pt; the output layer is replaced when the "
+                                  "class count differs")
     # the model
     arch: str = model_field("arch")
     width: float = model_field("width")
     init: str = model_field("init")
     bias_value: float = model_field("bias_value")
     dropout: float = model_field("dropout")
+    extra_conv: bool = model_field("extra_conv")
     image_size: int = model_field("image_size")
     # augmentation and input
     pca_lighting: bool = field(True, help="the paper's PCA colour augmentation")
@@ -263,6 +279,7 @@ class TrainConfig(ConfigBase):
             (self.eval_10crop_every >= 0 and self.shuffle_buffer >= 0 and self.keep_checkpoints >= 1
              and self.max_failures >= 0, "need --eval-10crop-every, --shuffle-buffer, --max-failures >= 0 "
              "and --keep-checkpoints >= 1"),
+            (self.seeds >= 1, f"--seeds must be at least 1, got {self.seeds}"),
             (not (self.arch == "owt" and self.gpus_per_worker == 2),
              "--arch owt is a single column: it cannot split over --gpus-per-worker 2 (use --arch paper)"),
         ]
@@ -273,7 +290,7 @@ class TrainConfig(ConfigBase):
     def model_options(self) -> dict[str, Any]:
         """Keyword arguments of alexnet.model.build_model (besides num_classes and devices)."""
         return dict(arch=self.arch, width=self.width, init=self.init, bias_value=self.bias_value,
-                    dropout=self.dropout, image_size=self.image_size)
+                    dropout=self.dropout, extra_conv=self.extra_conv, image_size=self.image_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +314,48 @@ class SweepConfig(TrainConfig):
             raise UsageError("--num-samples, --grace-period and --max-concurrent must be at least 1")
         if self.resume and not self.sweep_name:
             raise UsageError("--resume needs the --sweep-name of the sweep to continue")
+        if self.seeds != 1:
+            raise UsageError("--seeds trains an ensemble with pipelines/train.py; a sweep samples --seed "
+                             "through its space instead")
 
     def train_config(self) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         return TrainConfig.from_dict({k: v for k, v in self.to_dict().items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(ConfigBase):
+    """`pipelines/evaluate.py`: ensembles of trained members on the validation set, next to the paper's Table 2."""
+
+    data: Path = field(help="the preprocessing output the members were trained on (its val split is evaluated)")
+    runs: tuple[str, ...] = field((), help="members: MLflow run ids of finished pipelines/train.py runs")
+    experiment: str | None = field(None, help="members: every finished training run of this MLflow experiment")
+    filter: str | None = field(None, help="with --experiment: an MLflow filter string narrowing the runs, "
+                               "e.g. \"tags.ensemble_group = 'five'\"")
+    sizes: tuple[int, ...] = field((1, 5, 7), help="ensemble sizes to evaluate")
+    crops: str = field("both", help="center: one centre patch; 10crop: the paper's 10 patches averaged; both",
+                       choices=("center", "10crop", "both"))
+    seed: int = field(0, help="seed of the member subsets (sizes below the member count) and of Figure 4's images")
+    batch_size: int = field(64, help="images per inference batch")
+    actors: int | None = field(None, help="inference actors, one model each (default: what the cluster holds)")
+    gpus_per_actor: float = field(0.0, help="GPUs of each inference actor (0: CPU)")
+    recompute: bool = field(False, help="run inference again even where a member's stored outputs exist")
+    figure4: int = field(4, help="validation images of the Figure 4 grid (six nearest training images in fc7); 0: none")
+    tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    ensemble_experiment: str = field("ensembles", help="MLflow experiment of the evaluation runs")
+    run_name: str | None = field(None, help="name of the summary run (default: ensembles-TIMESTAMP)")
+    address: str | None = field(None, help="Ray cluster to join ('auto' or host:port); none starts a local one")
+
+    def __post_init__(self) -> None:
+        if bool(self.runs) == bool(self.experiment):
+            raise UsageError("name the members with exactly one of --runs ID ... or --experiment NAME")
+        if self.filter and not self.experiment:
+            raise UsageError("--filter narrows --experiment; with --runs, list the runs you want")
+        if not self.sizes or min(self.sizes) < 1:
+            raise UsageError(f"--sizes must be positive integers, got {list(self.sizes)}")
+        if self.batch_size < 1 or self.figure4 < 0 or self.gpus_per_actor < 0 or (self.actors is not None and self.actors < 1):
+            raise UsageError("need --batch-size >= 1, --figure4 >= 0, --gpus-per-actor >= 0, --actors >= 1")
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return ("center", "10crop") if self.crops == "both" else (self.crops,)

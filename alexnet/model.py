@@ -33,6 +33,7 @@ class ModelConfig(ConfigBase):
     init: str = model_field("init")
     bias_value: float = model_field("bias_value")
     dropout: float = model_field("dropout")
+    extra_conv: bool = model_field("extra_conv")
     image_size: int = model_field("image_size")
 
     def __post_init__(self) -> None:
@@ -66,7 +67,7 @@ def _scaled(n: int, width: float) -> int:
 class Tower(nn.Module):
     """Half of the paper net; conv3 and fc6/fc7 take both towers' activations as input."""
 
-    def __init__(self, channels: Sequence[int], fc: int, fc6_in: int, dropout: float):
+    def __init__(self, channels: Sequence[int], fc: int, fc6_in: int, dropout: float, extra_conv: bool = False):
         super().__init__()
         c1, c2, c3, c4, c5 = channels
         self.conv1 = nn.Conv2d(3, c1, 11, stride=4, padding=2)
@@ -74,6 +75,8 @@ class Tower(nn.Module):
         self.conv3 = nn.Conv2d(2 * c2, c3, 3, padding=1)
         self.conv4 = nn.Conv2d(c3, c4, 3, padding=1)
         self.conv5 = nn.Conv2d(c4, c5, 3, padding=1)
+        # the paper's "extra sixth convolutional layer over the last pooling layer" (section 7)
+        self.conv6 = nn.Conv2d(c5, c5, 3, padding=1) if extra_conv else None
         self.fc6 = nn.Linear(fc6_in, fc)
         self.fc7 = nn.Linear(2 * fc, fc)
         self.lrn = nn.LocalResponseNorm(**LRN)  # over this tower's channels only, as in the paper
@@ -86,7 +89,8 @@ class Tower(nn.Module):
     def trunk(self, both: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv3(both))                                  # (B, 192, 13, 13)
         x = F.relu(self.conv5(F.relu(self.conv4(x))))                 # (B, 128, 13, 13)
-        return F.max_pool2d(x, 3, 2)                                  # (B, 128, 6, 6)
+        x = F.max_pool2d(x, 3, 2)                                     # (B, 128, 6, 6)
+        return x if self.conv6 is None else F.relu(self.conv6(x))
 
 
 class PaperAlexNet(nn.Module):
@@ -102,7 +106,8 @@ class PaperAlexNet(nn.Module):
         half = [_scaled(c, cfg.width / 2) for c in PAPER_CHANNELS]
         fc = _scaled(PAPER_FC, cfg.width / 2)
         s = spatial_sizes(cfg.image_size)["pool5"]
-        self.towers = nn.ModuleList(Tower(half, fc, 2 * half[4] * s * s, cfg.dropout) for _ in range(2))
+        self.towers = nn.ModuleList(Tower(half, fc, 2 * half[4] * s * s, cfg.dropout, cfg.extra_conv)
+                                    for _ in range(2))
         self.fc8 = nn.Linear(2 * fc, cfg.num_classes)
         if cfg.init == "paper":
             _paper_init(self.modules_in_order(), cfg.bias_value)
@@ -112,10 +117,15 @@ class PaperAlexNet(nn.Module):
 
     def modules_in_order(self) -> list[tuple[str, nn.Module]]:
         """(layer name, module) pairs, each tower's half under the layer's name."""
-        names = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
-        return [(n, getattr(t, n)) for n in names for t in self.towers] + [("fc8", self.fc8)]
+        names = ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "fc6", "fc7")
+        return [(n, getattr(t, n)) for n in names for t in self.towers if getattr(t, n) is not None] + [
+            ("fc8", self.fc8)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc8(self.fc7_features(x))                         # (B, num_classes) on devices[0]
+
+    def fc7_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer (fc7 after ReLU and dropout), both towers: (B, 2 * fc) on devices[0]."""
         _check_input(x, self.cfg.image_size)
         (a, b), (da, db) = self.towers, self.devices
         ha, hb = a.stem(x.to(da)), b.stem(x.to(db))                  # (B, 128, 13, 13) each
@@ -126,7 +136,7 @@ class PaperAlexNet(nn.Module):
         fb = b.dropout(F.relu(b.fc6(torch.cat([flat[0].to(db), flat[1]], 1))))
         fa, fb = (a.dropout(F.relu(a.fc7(torch.cat([fa, fb.to(da)], 1)))),
                   b.dropout(F.relu(b.fc7(torch.cat([fa.to(db), fb], 1)))))
-        return self.fc8(torch.cat([fa, fb.to(da)], 1))                # (B, num_classes) on devices[0]
+        return torch.cat([fa, fb.to(da)], 1)                          # (B, 4096)
 
     @property
     def num_parameters(self) -> int:
@@ -152,6 +162,8 @@ class OWTAlexNet(nn.Module):
             nn.Conv2d(c3, c4, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(c4, c5, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
         )
+        # kept outside `features` so torchvision's state_dict keys stay valid without it
+        self.conv6 = nn.Sequential(nn.Conv2d(c5, c5, 3, padding=1), nn.ReLU(inplace=True)) if cfg.extra_conv else None
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = nn.Sequential(
             nn.Dropout(cfg.dropout), nn.Linear(c5 * 36, fc), nn.ReLU(inplace=True),
@@ -162,13 +174,22 @@ class OWTAlexNet(nn.Module):
             _paper_init(self.modules_in_order(), cfg.bias_value)
 
     def modules_in_order(self) -> list[tuple[str, nn.Module]]:
-        layers = [m for m in [*self.features, *self.classifier] if isinstance(m, (nn.Conv2d, nn.Linear))]
-        return list(zip(("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"), layers))
+        extra = [*self.conv6] if self.conv6 is not None else []
+        layers = [m for m in [*self.features, *extra, *self.classifier] if isinstance(m, (nn.Conv2d, nn.Linear))]
+        names = ("conv1", "conv2", "conv3", "conv4", "conv5") + ("conv6",) * bool(extra) + ("fc6", "fc7", "fc8")
+        return list(zip(names, layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier[-1](self.fc7_features(x))
+
+    def fc7_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer (fc7 after ReLU): (B, fc)."""
         _check_input(x, MIN_IMAGE_SIZE, exact=False)
-        x = self.avgpool(self.features(x))                            # (B, 256, 6, 6)
-        return self.classifier(torch.flatten(x, 1))
+        x = self.features(x)
+        if self.conv6 is not None:
+            x = self.conv6(x)
+        x = self.avgpool(x)                                           # (B, 256, 6, 6)
+        return self.classifier[:-1](torch.flatten(x, 1))
 
     @property
     def num_parameters(self) -> int:
@@ -209,6 +230,13 @@ def build_model(arch: str = "paper", num_classes: int = 1000, devices: Sequence[
     return OWTAlexNet(cfg).to(devices[0])
 
 
+def output_layer(model: nn.Module) -> tuple[str, nn.Linear]:
+    """(state_dict prefix, module) of the classifier layer: replaced when fine-tuning to new classes."""
+    if isinstance(model, PaperAlexNet):
+        return "fc8.", model.fc8
+    return "classifier.6.", model.classifier[-1]
+
+
 def describe(model: nn.Module) -> str:
     """One line of layer shapes, e.g. 'paper 224px: conv1 96x55x55 > pool1 96x27x27 > ... | 60,965,224 params'."""
     cfg: ModelConfig = model.cfg
@@ -221,5 +249,6 @@ def describe(model: nn.Module) -> str:
              f"conv2 {convs['conv2']}x{s['pool1']}x{s['pool1']}", f"pool2 {convs['conv2']}x{c3}x{c3}",
              f"conv3 {convs['conv3']}x{c3}x{c3}", f"conv4 {convs['conv4']}x{c3}x{c3}",
              f"conv5 {convs['conv5']}x{c3}x{c3}", f"pool5 {convs['conv5']}x{s['pool5']}x{s['pool5']}",
+             *([f"conv6 {convs['conv5']}x{s['pool5']}x{s['pool5']}"] if cfg.extra_conv else []),
              f"fc6 {fcs['fc6']}", f"fc7 {fcs['fc7']}", f"fc8 {fcs['fc8']}"]
     return f"{cfg.arch} x{cfg.width:g} {cfg.image_size}px: " + " > ".join(parts) + f" | {model.num_parameters:,} params"

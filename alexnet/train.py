@@ -179,20 +179,26 @@ def train_epoch(net, optimizer, batches, normalizer: Normalizer, cfg: TrainConfi
 
 
 @torch.no_grad()
+def view_probs(model, images: torch.Tensor, normalizer: Normalizer, cfg: TrainConfig, size: int, mode: str,
+               device: torch.device) -> torch.Tensor:
+    """Softmax averaged over the test views ('center', or the paper's '10crop') of whole stored images."""
+    probs = 0
+    views = eval_views(size, cfg.image_size, mode)
+    for top, left, flip in views:
+        with _autocast(cfg, device):
+            logits = model(normalizer.view(images, top, left, flip, cfg.image_size))
+        probs = probs + logits.float().softmax(1)
+    return probs / len(views)
+
+
 def evaluate(model, batches, normalizer: Normalizer, cfg: TrainConfig, size: int, mode: str,
              device: torch.device) -> dict:
-    """Softmax averaged over the views ('center' or the paper's '10crop'); sums of loss, top-1, top-5 hits."""
+    """Sums of loss, top-1 and top-5 hits over `batches`, softmax averaged over the views of `mode`."""
     model.eval()
-    views = eval_views(size, cfg.image_size, mode)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # nll sum, top1, top5, images
     for batch in batches:
         y = batch["label"].to(device, non_blocking=True)
-        probs = 0
-        for top, left, flip in views:
-            with _autocast(cfg, device):
-                logits = model(normalizer.view(batch["image"], top, left, flip, cfg.image_size))
-            probs = probs + logits.float().softmax(1)
-        probs = probs / len(views)
+        probs = view_probs(model, batch["image"], normalizer, cfg, size, mode, device)
         k = min(5, probs.shape[1])
         topk = probs.topk(k, 1).indices
         hits = topk == y[:, None]
@@ -246,6 +252,8 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=0.1, patience=cfg.lr_patience, min_lr=cfg.lr * 0.1 ** cfg.max_lr_drops)
     start_epoch, best = _load_checkpoint(model, optimizer, scheduler)
+    if start_epoch == 0 and config.get("init_from"):
+        load_initial_weights(model, read_state(config["init_from"]))
     normalizer = Normalizer(config["mean_image"], device, cfg.pixel_scale, cfg.channels_last)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
@@ -375,7 +383,8 @@ def build_trainer(cfg: TrainConfig, prepared: Prepared, run_config):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "num_classes": prepared.num_classes, "size": prepared.size,
-                           "mean_image": prepared.mean_image, "has_val": bool(prepared.val_files)},
+                           "mean_image": prepared.mean_image, "has_val": bool(prepared.val_files),
+                           "init_from": resolve_init_from(cfg)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=run_config,
@@ -396,10 +405,18 @@ def run_config(cfg: TrainConfig, name: str, storage: str, callbacks: list):
 
 
 # Config keys that shape the weights: a resumed run must keep them.
-SHAPE_KEYS = ("arch", "width", "image_size")
+SHAPE_KEYS = ("arch", "width", "image_size", "extra_conv")
 
 
-def _mlflow_run(uri: str, cfg: TrainConfig, name: str, storage: str, prepared: Prepared, log: Log) -> tuple[str, bool]:
+def classes_digest(wnids: list[str]) -> str:
+    """A short fingerprint of a class list (order matters: it is the label index)."""
+    import hashlib
+
+    return hashlib.sha1("\n".join(wnids).encode()).hexdigest()[:16]
+
+
+def _mlflow_run(uri: str, cfg: TrainConfig, name: str, storage: str, prepared: Prepared, log: Log,
+                extra_tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """(run id, resumed): the MLflow run of this Ray Train run, found again by name and storage on a rerun."""
     from mlflow import MlflowClient
 
@@ -417,6 +434,8 @@ def _mlflow_run(uri: str, cfg: TrainConfig, name: str, storage: str, prepared: P
             raise UsageError(f"run {name!r} was trained with other {', '.join(changed)} "
                              f"({', '.join(f'{k}={old[k]}' for k in changed)}): pick a new --run-name")
         client.update_run(run.info.run_id, status="RUNNING")
+        for key, value in (extra_tags or {}).items():
+            client.set_tag(run.info.run_id, key, value)
         differ = {k: v for k, v in cfg.to_dict().items() if k in old and old[k] != str(v)}
         if differ:
             client.set_tag(run.info.run_id, "resumed_with", json.dumps(differ, default=str))
@@ -427,7 +446,10 @@ def _mlflow_run(uri: str, cfg: TrainConfig, name: str, storage: str, prepared: P
             "data.path": str(prepared.path), "data.size": str(prepared.size),
             "data.train_rows": str(prepared.summary["rows_written"]["train"]),
             "data.val_rows": str(prepared.summary["rows_written"].get("val", 0)),
-            "data.preprocess_run_id": str(prepared.summary.get("mlflow_run_id"))}
+            "data.preprocess_run_id": str(prepared.summary.get("mlflow_run_id")),
+            "data.classes": classes_digest(prepared.wnids), **(extra_tags or {})}
+    if cfg.init_from:
+        tags["init_from_checkpoint"] = str(resolve_init_from(cfg))
     if commit:
         tags["git_commit"] = commit
     run = client.create_run(exp_id, run_name=name, tags=tags)
@@ -440,7 +462,90 @@ def _mlflow_run(uri: str, cfg: TrainConfig, name: str, storage: str, prepared: P
 
 def load_checkpoint_state(checkpoint) -> dict:
     with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        return read_state(Path(folder))
+
+
+def read_state(location: str | Path) -> dict:
+    """A checkpoint's state (a folder holding state.pt, the file, or a URI such as s3://...): tensors and
+    plain data only (weights_only: nothing is unpickled)."""
+    if "://" in str(location):
+        from ray.train import Checkpoint
+
+        return load_checkpoint_state(Checkpoint(str(location)))
+    path = Path(location)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise UsageError(f"checkpoint {file} does not exist") from err
+    except Exception as err:  # noqa: BLE001 - corrupt file, or an object weights_only refuses
+        raise UsageError(f"checkpoint {file} is unreadable: {type(err).__name__}: {str(err)[:300]}") from err
+
+
+def checkpoint_of_run(uri: str, run_id: str) -> str:
+    """The best checkpoint recorded by a finished training run, by MLflow run id."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException as err:
+        raise UsageError(f"MLflow run {run_id} not found in {uri}") from err
+    return checkpoint_location(run)
+
+
+def checkpoint_location(run) -> str:
+    """A training run's best checkpoint (tag best_checkpoint, set when the run finished) as a path or URI."""
+    path = run.data.tags.get("best_checkpoint")
+    if not path:
+        raise UsageError(f"MLflow run {run.info.run_id} ({run.data.tags.get('mlflow.runName')}) has no checkpoint: "
+                         "is it a finished pipelines/train.py run?")
+    storage = run.data.tags.get("ray_storage", "")
+    if "://" in storage and "://" not in path:  # Ray gives remote checkpoint paths without their scheme
+        return f"{storage.split('://')[0]}://{path}"
+    return path
+
+
+def resolve_init_from(cfg: TrainConfig) -> str | None:
+    """--init-from as a checkpoint path: an existing path as given, else an MLflow run id."""
+    if not cfg.init_from:
+        return None
+    if "://" in cfg.init_from:
+        return cfg.init_from
+    path = Path(cfg.init_from).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if "/" in cfg.init_from or cfg.init_from.endswith(".pt"):
+        raise UsageError(f"--init-from {cfg.init_from} does not exist")
+    from alexnet.tracking import absolute_uri, resolve_tracking_uri
+
+    return checkpoint_of_run(absolute_uri(resolve_tracking_uri(cfg.tracking_uri)), cfg.init_from)
+
+
+def load_initial_weights(model, state: dict) -> list[str]:
+    """Copy a checkpoint's weights into `model` (fine-tuning); returns the keys left at their init.
+
+    Every tensor must match in name and shape except the output layer, which stays freshly
+    initialised when the class count differs. Anything else (another arch, width, image size or
+    sixth conv layer) is a UsageError naming the mismatch.
+    """
+    from alexnet.model import output_layer
+
+    source = TrainConfig.from_dict(state["config"]) if "config" in state else None
+    prefix, _ = output_layer(model)
+    own, theirs = model.state_dict(), state["model"]
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    wrong = sorted(k for k in set(own) & set(theirs) if own[k].shape != theirs[k].shape)
+    replaced = [k for k in wrong if k.startswith(prefix)]
+    bad = missing + unexpected + [k for k in wrong if not k.startswith(prefix)]
+    if bad:
+        what = (f" (it was trained with arch={source.arch}, width={source.width:g}, image_size={source.image_size}, "
+                f"extra_conv={source.extra_conv})" if source else "")
+        raise UsageError(f"--init-from weights do not fit this model{what}: "
+                         f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''} differ")
+    model.load_state_dict({k: v for k, v in theirs.items() if k not in replaced}, strict=False)
+    return replaced
 
 
 def model_from_state(state: dict, num_classes: int):
@@ -464,6 +569,8 @@ def log_final_artifacts(uri: str, run_id: str, model, prepared: Prepared) -> str
     with torch.no_grad():
         logits = model(torch.from_numpy(example)).numpy()
     mlflow.set_tracking_uri(uri)
+    # the fluent API refuses a run outside the process's active experiment (set by an earlier job in-process)
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
         info = mlflow.pytorch.log_model(model, name="model", input_example=example,
                                         signature=infer_signature(example, logits))
@@ -511,6 +618,9 @@ def preflight(cfg: TrainConfig) -> tuple[Prepared, str, str]:
     check_image_size(cfg, prepared)
     uri = absolute_uri(resolve_tracking_uri(cfg.tracking_uri))
     check_tracking_uri(uri)
+    init_from = resolve_init_from(cfg)
+    if init_from is not None:  # fails here, before Ray starts, when the weights do not fit
+        load_initial_weights(build_model(num_classes=prepared.num_classes, **cfg.model_options()), read_state(init_from))
     connect_ray(cfg.address, min_cpus=cfg.num_workers * cfg.cpus_per_worker + 1)
     if cfg.check_resources:
         # one CPU beyond the workers: Ray Data's decoding tasks need somewhere to run
@@ -518,14 +628,36 @@ def preflight(cfg: TrainConfig) -> tuple[Prepared, str, str]:
     return prepared, uri, storage_path(cfg.storage_path)
 
 
-def run_training(cfg: TrainConfig, log: Log = print) -> dict:
+def run_members(cfg: TrainConfig, log: Log = print) -> list[dict]:
+    """`--seeds K`: K runs alike but for their seeds, one after another, tagged as one ensemble group.
+
+    Each member is an ordinary run named GROUP-seedS; rerunning the command resumes unfinished
+    members and leaves finished ones as they are.
+    """
+    import dataclasses
+
+    if cfg.seeds == 1:
+        return [run_training(cfg, log)]
+    group = cfg.run_name or time.strftime("ensemble-%Y%m%d-%H%M%S")
+    preflight(cfg)  # every member would fail alike: fail once, before the first one starts
+    summaries = []
+    for i in range(cfg.seeds):
+        seed = cfg.seed + i
+        member = dataclasses.replace(cfg, seed=seed, seeds=1, run_name=f"{group}-seed{seed}")
+        log(f"ensemble {group}: member {i + 1}/{cfg.seeds} (seed {seed})")
+        summaries.append(run_training(member, log, extra_tags={
+            "ensemble_group": group, "ensemble_member": str(i), "ensemble_members": str(cfg.seeds)}))
+    return summaries
+
+
+def run_training(cfg: TrainConfig, log: Log = print, extra_tags: dict[str, str] | None = None) -> dict:
     """The whole run; returns a summary (MLflow run id, best error, model URI). Raises UsageError before any work."""
     from mlflow import MlflowClient
     from ray.train import TrainingFailedError
 
     prepared, uri, storage = preflight(cfg)
     name = cfg.run_name or time.strftime("alexnet-%Y%m%d-%H%M%S")
-    run_id, resumed = _mlflow_run(uri, cfg, name, storage, prepared, log)
+    run_id, resumed = _mlflow_run(uri, cfg, name, storage, prepared, log, extra_tags)
     client = MlflowClient(uri)
     log(f"MLflow run {run_id} ({uri}); checkpoints under {storage}/{name}")
     reporter = _mlflow_reporter_class()(uri, run_id, prepared.num_classes, cfg.epochs)

@@ -36,3 +36,28 @@ def save_kernel_png(model, path: Path) -> Path:
     """The model's conv1 kernels as a PNG (for MLflow); returns the path."""
     image_to_png(kernel_grid(model.first_layer_kernels()), path)
     return Path(path)
+
+
+def neighbour_grid_png(rows: list[dict], crop: int, path: Path, tile: int = 96, gap: int = 4) -> Path:
+    """Figure 4's layout: one row per query, the query (val) image, a gap, then its nearest training images.
+
+    rows: [{"query_jpeg": bytes, "neighbours": [{"jpeg": bytes}, ...]}, ...]; each image is shown as
+    its centre `crop` patch scaled to `tile` pixels.
+    """
+    import io
+
+    def patch(jpeg: bytes) -> Image.Image:
+        img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        left, top = (img.width - crop) // 2, (img.height - crop) // 2
+        return img.crop((left, top, left + crop, top + crop)).resize((tile, tile), Image.Resampling.BILINEAR)
+
+    cols = 1 + max((len(r["neighbours"]) for r in rows), default=0)
+    width = cols * (tile + gap) + 3 * gap
+    canvas = Image.new("RGB", (width, max(1, len(rows)) * (tile + gap) + gap), "white")
+    for i, row in enumerate(rows):
+        y = gap + i * (tile + gap)
+        canvas.paste(patch(row["query_jpeg"]), (gap, y))
+        for j, n in enumerate(row["neighbours"]):
+            canvas.paste(patch(n["jpeg"]), (4 * gap + (j + 1) * (tile + gap), y))
+    canvas.save(path)
+    return Path(path)

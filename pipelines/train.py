@@ -1,6 +1,8 @@
 """AlexNet on Ray Train: data-parallel workers, the paper's two towers over each worker's GPUs, MLflow.
 
     python pipelines/train.py --data OUT [--num-workers N] [--gpus-per-worker {0,1,2}] [--epochs 90]
+    python pipelines/train.py --data OUT --seeds 5 --run-name five     # an ensemble's members
+    python pipelines/train.py --data OUT --init-from RUN_ID_OR_CHECKPOINT   # fine-tuning
 """
 
 from __future__ import annotations
@@ -15,19 +17,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = TrainConfig.parse_args(argv, description=__doc__.splitlines()[0])
     from ray.train import TrainingFailedError
 
-    from alexnet.train import run_training
+    from alexnet.train import run_members
 
     try:
-        summary = run_training(cfg)
+        summaries = run_members(cfg)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingFailedError as err:
         print(f"error: training failed: {err}", file=sys.stderr)
         return 1
-    print(f"best val/top1_err {summary['best_val_top1_err']:.4f} at epoch {summary['best_epoch']}; "
-          f"model {summary['model_uri']}")
-    print(f"MLflow run id: {summary['mlflow_run_id']}")
+    for summary in summaries:
+        print(f"{summary['run_name']}: best val/top1_err {summary['best_val_top1_err']:.4f} at epoch "
+              f"{summary['best_epoch']}; model {summary['model_uri']}")
+        print(f"MLflow run id: {summary['mlflow_run_id']}")
+    if len(summaries) > 1:
+        print(f"ensemble of {len(summaries)}: python pipelines/evaluate.py --data {cfg.data} --runs "
+              + " ".join(s["mlflow_run_id"] for s in summaries))
     return 0
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from alexnet.model import MIN_IMAGE_SIZE, build_model, describe
+from alexnet.model import MIN_IMAGE_SIZE, build_model, describe, output_layer
 from alexnet.visualize import kernel_grid
 
 
@@ -152,3 +152,25 @@ def test_first_layer_kernel_picture_has_one_row_per_tower():
     net = build_model("paper")
     picture = kernel_grid(net.first_layer_kernels(), scale=3, gap=1)
     assert picture.shape == (2 * 34 + 1, 48 * 34 + 1, 3) and picture.dtype == np.uint8
+
+
+@pytest.mark.parametrize("arch", ["paper", "owt"])
+def test_extra_conv_adds_a_sixth_conv_over_pool5_and_fc7_features_feed_the_output(arch):
+    torch.manual_seed(0)
+    plain = build_model(arch, num_classes=5, width=0.25, image_size=67)
+    extra = build_model(arch, num_classes=5, width=0.25, image_size=67, extra_conv=True)
+    names = [n for n, _ in extra.modules_in_order()]
+    assert "conv6" in names and "conv6" not in [n for n, _ in plain.modules_in_order()]
+    assert names.index("conv6") == names.index("fc6") - (2 if arch == "paper" else 1)
+    (_, conv6), *_ = [(n, m) for n, m in extra.modules_in_order() if n == "conv6"]
+    assert conv6.kernel_size == (3, 3) and conv6.in_channels == conv6.out_channels
+    assert "conv6" in describe(extra)
+    x = torch.randn(2, 3, 67, 67)
+    for model in (plain, extra):
+        model.eval()
+        with torch.no_grad():
+            feats = model.fc7_features(x)
+            prefix, head = output_layer(model)
+            assert feats.shape == (2, head.in_features) and (feats >= 0).all()  # after ReLU
+            assert torch.allclose(head(feats), model(x))
+            assert f"{prefix}weight" in model.state_dict()

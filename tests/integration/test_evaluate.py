@@ -1,0 +1,226 @@
+"""pipelines/evaluate.py on tiny members trained by `pipelines/train.py --seeds 3`; fine-tuning with --init-from."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from alexnet.augment import Normalizer, decode_images, eval_views
+from alexnet.config import PreprocessConfig
+from alexnet.ensemble import table_arrays, topk_errors, val_fingerprint
+from alexnet.train import read_prepared, read_state
+from pipelines import evaluate as eval_cli
+from pipelines import train as train_cli
+from tests.conftest import SMALL_TRAIN_ARGS
+
+EXPERIMENT = "members-test"
+
+
+@pytest.fixture(scope="module")
+def members(learnable, mlflow_uri, tmp_path_factory) -> list[str]:
+    """Three 2-epoch members alike but for their seeds: run ids in seed order."""
+    storage = tmp_path_factory.mktemp("members")
+    argv = ["--data", str(learnable), "--seeds", "3", "--seed", "10", "--epochs", "2", "--run-name", "trio",
+            "--experiment", EXPERIMENT, "--storage-path", str(storage), *SMALL_TRAIN_ARGS]
+    assert train_cli.main(argv) == 0
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.ensemble_group = 'trio'")
+    runs = sorted(runs, key=lambda r: int(r.data.params["seed"]))
+    assert [r.data.params["seed"] for r in runs] == ["10", "11", "12"]
+    assert [r.data.tags["mlflow.runName"] for r in runs] == ["trio-seed10", "trio-seed11", "trio-seed12"]
+    assert {r.data.tags["ensemble_members"] for r in runs} == {"3"}
+    return [r.info.run_id for r in runs]
+
+
+def _eval_runs(uri: str, parent_id: str) -> dict[tuple[int, str], object]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ensembles")
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {(int(r.data.tags["ensemble_size"]), r.data.tags["crops"]): r for r in children}
+
+
+def _stored(uri: str, run_id: str, folder: str, mode: str, tmp: Path):
+    path = MlflowClient(uri).download_artifacts(run_id, f"{folder}/softmax-{mode}.parquet", str(tmp))
+    return table_arrays(pq.read_table(path))
+
+
+def test_ensembles_equal_numpy_averaging_of_the_stored_outputs(members, learnable, mlflow_uri, tmp_path, capsys):
+    argv = ["--data", str(learnable), "--experiment", EXPERIMENT, "--filter", "tags.ensemble_group = 'trio'",
+            "--sizes", "1", "2", "3", "--crops", "both", "--figure4", "2", "--run-name", "eval-trio"]
+    assert eval_cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("inference (center, 10crop)") == 3 and "| 3 CNNs | 10crop |" in out
+    client = MlflowClient(mlflow_uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("ensembles").experiment_id],
+                                   filter_string="tags.mlflow.runName = 'eval-trio'")
+    assert f"MLflow run id: {parent.info.run_id}" in out
+    runs = _eval_runs(mlflow_uri, parent.info.run_id)
+    assert set(runs) == {(k, c) for k in (1, 2, 3) for c in ("center", "10crop")}
+
+    # an independent numpy averaging of the stored per-member outputs gives the logged numbers
+    prepared = read_prepared(learnable)
+    folder = f"eval/{val_fingerprint(prepared)}"
+    for mode in ("center", "10crop"):
+        stored = {r: _stored(mlflow_uri, r, folder, mode, tmp_path / mode / r) for r in members}
+        paths, labels, _ = stored[members[0]]
+        assert len(paths) == 48 and list(paths) == sorted(paths)  # every val image, once, in path order
+        for size, key in ((3, "all"), (2, "pair")):
+            run = runs[(size, mode)]
+            chosen = run.data.tags["members"].split(",")
+            assert len(chosen) == size and set(chosen) <= set(members)
+            mean = np.mean([stored[r][2] for r in chosen], axis=0)
+            hits = np.argsort(-mean, 1)[:, :4] == labels[:, None]
+            assert run.data.metrics["val/top1_err"] == pytest.approx(1 - hits[:, 0].mean(), abs=1e-12)
+            assert run.data.metrics["val/top5_err"] == pytest.approx(1 - hits.any(1).mean(), abs=1e-12)
+            assert run.data.tags["ensemble_size"] == str(size) and run.data.tags["crops"] == mode
+        alone = [topk_errors(stored[r][2], labels)[0] for r in members]
+        single = runs[(1, mode)].data.metrics
+        assert single["val/top1_err"] == pytest.approx(np.mean(alone))
+        assert single["val/top1_err_best"] == pytest.approx(min(alone))
+        # the ensemble of all three is no worse than its average member
+        assert runs[(3, mode)].data.metrics["val/top1_err"] <= np.mean(alone) + 1e-12
+        # the stored softmax is the model's own: recompute one member's centre outputs in-process
+        if mode == "center":
+            _check_against_the_model(members[0], prepared, stored[members[0]])
+
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "evaluate")}
+    assert {f"evaluate/{n}" for n in ("ensembles.md", "ensembles.html", "ensembles.png", "ensembles.json",
+                                     "figure4_neighbours.png", "figure4_neighbours.json")} <= artifacts
+    table = (Path(client.download_artifacts(parent.info.run_id, "evaluate/ensembles.md", str(tmp_path)))).read_text()
+    assert "| 38.1 | 16.4 |" not in table and "| 40.7 | 18.2 |" in table  # no 5-CNN row; 1-CNN row has the paper's
+    _check_figure4(parent, prepared, client, tmp_path)
+
+
+def _fc7_and_probs(run_id: str, prepared, images: np.ndarray):
+    from alexnet.train import checkpoint_of_run, model_from_state
+
+    state = read_state(checkpoint_of_run(os.environ["MLFLOW_TRACKING_URI"], run_id))  # the session's store
+    model = model_from_state(state, prepared.num_classes)
+    crop = model.cfg.image_size
+    (top, left, flip), = eval_views(prepared.size, crop, "center")
+    x = Normalizer(prepared.mean_image, torch.device("cpu")).view(torch.from_numpy(images), top, left, flip, crop)
+    with torch.no_grad():
+        return model.fc7_features(x).numpy(), model(x).softmax(1).numpy()
+
+
+def _decoded(files: list[str]):
+    table = pq.read_table(files, columns=["path", "image"]).sort_by("path")
+    images = decode_images(table["image"].to_pylist()).transpose(0, 3, 1, 2)
+    return np.asarray(table["path"].to_pylist()), np.ascontiguousarray(images)
+
+
+def _check_against_the_model(run_id: str, prepared, stored) -> None:
+    paths, images = _decoded(prepared.val_files)
+    _, probs = _fc7_and_probs(run_id, prepared, images)
+    assert list(paths) == list(stored[0])
+    np.testing.assert_allclose(stored[2], probs, atol=1e-5)
+
+
+def _check_figure4(parent, prepared, client, tmp_path) -> None:
+    """The six neighbours of each query are the six nearest training images in fc7, recomputed here."""
+    rows = json.loads(Path(client.download_artifacts(parent.info.run_id, "evaluate/figure4_neighbours.json",
+                                                     str(tmp_path / "f4"))).read_text())
+    assert len(rows) == 2 and all(len(r["neighbours"]) == 6 for r in rows)
+    member = parent.data.tags["figure4_member"]
+    train_paths, train_images = _decoded(prepared.train_files)
+    val_paths, val_images = _decoded(prepared.val_files)
+    train_fc7, _ = _fc7_and_probs(member, prepared, train_images)
+    queries = [list(val_paths).index(r["query"]) for r in rows]
+    val_fc7, _ = _fc7_and_probs(member, prepared, val_images[queries])
+    for row, q in zip(rows, val_fc7):
+        dist = np.linalg.norm(train_fc7 - q, axis=1)
+        nearest = train_paths[np.argsort(dist)[:6]]
+        got = [p for p, _ in row["neighbours"]]
+        assert got == list(nearest) or set(got) == set(nearest)  # ties may swap order
+        assert [d for _, d in row["neighbours"]] == sorted(d for _, d in row["neighbours"])
+
+
+def test_a_second_evaluation_reuses_the_stored_outputs(members, learnable, mlflow_uri, capsys):
+    first = ["--data", str(learnable), "--runs", *members, "--sizes", "3", "--crops", "center", "--figure4", "0"]
+    assert eval_cli.main([*first, "--run-name", "reuse-1"]) == 0
+    capsys.readouterr()
+    prepared = read_prepared(learnable)
+    folder = f"eval/{val_fingerprint(prepared)}"
+    client = MlflowClient(mlflow_uri)
+    before = {r: [(a.path, a.file_size) for a in client.list_artifacts(r, folder)] for r in members}
+    assert eval_cli.main([*first, "--run-name", "reuse-2"]) == 0
+    out = capsys.readouterr().out
+    assert "inference" not in out and out.count("stored outputs reused") == 3
+    assert {r: [(a.path, a.file_size) for a in client.list_artifacts(r, folder)] for r in members} == before
+    exp = client.get_experiment_by_name("ensembles").experiment_id
+    errors = []
+    for name in ("reuse-1", "reuse-2"):
+        (parent,) = client.search_runs([exp], filter_string=f"tags.mlflow.runName = '{name}'")
+        errors.append(_eval_runs(mlflow_uri, parent.info.run_id)[(3, "center")].data.metrics["val/top1_err"])
+    assert errors[0] == errors[1]
+
+
+def test_bad_members_exit_2_naming_the_problem(members, learnable, mlflow_uri, tmp_path, capsys):
+    common = ["--data", str(learnable), "--figure4", "0"]
+    assert eval_cli.main([*common, "--runs", members[0], "0123456789abcdef0123456789abcdef"]) == 2
+    assert "0123456789abcdef0123456789abcdef not found" in capsys.readouterr().err
+    assert eval_cli.main([*common, "--runs", *members, "--sizes", "5"]) == 2
+    assert "--sizes 5 need more members than the 3 found" in capsys.readouterr().err
+    assert eval_cli.main([*common, "--experiment", "no-such-experiment"]) == 2
+    assert "no-such-experiment" in capsys.readouterr().err
+    # a finished training run whose checkpoint file is not a checkpoint
+    client = MlflowClient(mlflow_uri)
+    source = client.get_run(members[0])
+    bad = tmp_path / "bad-checkpoint"
+    bad.mkdir()
+    (bad / "state.pt").write_bytes(b"not a checkpoint")
+    run = client.create_run(source.info.experiment_id, tags=source.data.tags | {"best_checkpoint": str(bad),
+                                                                                "mlflow.runName": "broken"})
+    client.log_param(run.info.run_id, "num_classes", source.data.params["num_classes"])
+    client.set_terminated(run.info.run_id, "FINISHED")
+    assert eval_cli.main([*common, "--runs", members[0], run.info.run_id]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {bad / 'state.pt'} is unreadable" in err
+
+
+@pytest.fixture(scope="module")
+def three_classes(learnable, ray_cluster, mlflow_uri) -> Path:
+    """The learnable tree's first 3 classes: another class count for fine-tuning."""
+    from alexnet.preprocess import run_preprocess
+
+    out = learnable.parent / "three"
+    if not (out / "summary.json").is_file():
+        run_preprocess(PreprocessConfig(input=learnable.parent / "root", output=out, size=72, classes=3,
+                                        tracking_uri=mlflow_uri), log=lambda _: None)
+    return out
+
+
+def test_fine_tuning_from_a_member_with_a_new_class_count(members, three_classes, learnable, small_args, mlflow_uri,
+                                                          tmp_path, capsys):
+    from alexnet.train import checkpoint_of_run
+
+    source = read_state(checkpoint_of_run(mlflow_uri, members[0]))
+    # the weights must fit: a sixth conv layer the member does not have is refused before training
+    common = ["--data", str(three_classes), "--init-from", members[0], "--storage-path", str(tmp_path), *small_args]
+    assert train_cli.main([*common, "--extra-conv", "--run-name", "ft-refused"]) == 2
+    assert "conv6" in capsys.readouterr().err
+    # a learning rate of ~0 keeps the transferred weights: everything but the new output layer equals the member's
+    argv = [*common, "--epochs", "1", "--run-name", "fine-tuned", "--lr", "1e-12", "--weight-decay", "0"]
+    assert train_cli.main(argv) == 0
+    run_id = capsys.readouterr().out.split("MLflow run id: ")[1].split()[0]
+    tuned = read_state(checkpoint_of_run(mlflow_uri, run_id))
+    for key, value in source["model"].items():
+        if key.startswith("fc8."):
+            assert tuned["model"][key].shape[0] == 3 and value.shape[0] == 4
+        else:
+            torch.testing.assert_close(tuned["model"][key], value, rtol=0, atol=1e-6)
+    run = MlflowClient(mlflow_uri).get_run(run_id)
+    assert run.data.tags["init_from_checkpoint"] == checkpoint_of_run(mlflow_uri, members[0])
+    assert run.data.params["num_classes"] == "3"
+    # a member trained on 4 classes cannot join an ensemble evaluated on the 3-class data
+    assert eval_cli.main(["--data", str(three_classes), "--runs", members[0], run_id, "--sizes", "1",
+                          "--figure4", "0"]) == 2
+    assert "another class list" in capsys.readouterr().err
