@@ -153,7 +153,7 @@ class MemberPredictor:
         from alexnet.train import view_probs
 
         out = {"path": batch["path"], "label": batch["label"]}
-        images = torch.from_numpy(batch["image"])
+        images = torch.from_numpy(np.require(batch["image"], requirements="W"))
         with torch.no_grad():
             for mode in self.modes:
                 probs = view_probs(self.model, images, self.normalizer, self.cfg, self.size, mode, self.device)
@@ -396,7 +396,7 @@ class NeighbourSearch:
         p = self.p
         (top, left, flip), = eval_views(p.size, p.cfg.image_size, "center")
         with torch.no_grad():
-            x = p.normalizer.view(torch.from_numpy(batch["image"]), top, left, flip, p.cfg.image_size)
+            x = p.normalizer.view(torch.from_numpy(np.require(batch["image"], requirements="W")), top, left, flip, p.cfg.image_size)
             dist = torch.cdist(self.queries, p.model.fc7_features(x).float()).cpu().numpy()  # (Q, B)
         keep = np.argsort(dist, axis=1)[:, : self.k]
         rows = {"query": [], "distance": [], "path": [], "jpeg": []}

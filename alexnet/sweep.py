@@ -128,6 +128,12 @@ def _parent_run(uri: str, cfg: SweepConfig, name: str, storage: str, space: dict
     return exp_id, run.info.run_id
 
 
+# The trial itself only waits on its TorchTrainer: a token CPU share (Tune refuses an empty request).
+# It still counts: with 2 CPUs, 0.01 + one 1-CPU worker left 0.99 CPU and Ray Data's 1-CPU decoding
+# tasks never started (the demo's sweep hung), so every CPU budget below includes it.
+TRIAL_CPUS = 0.01
+
+
 def default_concurrency(cfg: TrainConfig) -> int:
     """Trials the cluster runs at once: whole trials of num_workers workers, one CPU left for decoding."""
     from alexnet.cluster import worker_capacity
@@ -136,7 +142,7 @@ def default_concurrency(cfg: TrainConfig) -> int:
 
     by_workers = worker_capacity(per_worker_resources(cfg)) // cfg.num_workers
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    by_cpus = int(cpus // (cfg.num_workers * cfg.cpus_per_worker + 1)) if cfg.cpus_per_worker else by_workers
+    by_cpus = int(cpus // (cfg.num_workers * cfg.cpus_per_worker + 1 + TRIAL_CPUS)) if cfg.cpus_per_worker else by_workers
     return max(1, min(by_workers, by_cpus))
 
 
@@ -164,7 +170,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
 
     space = load_space(cfg.space, grid=cfg.search == "grid")
     base = cfg.train_config()
-    prepared, uri, storage = preflight(base)
+    prepared, uri, storage = preflight(base, driver_cpus=TRIAL_CPUS)
     if not prepared.val_files:
         raise UsageError(f"a sweep ranks trials by {METRIC}: {prepared.path} has no validation split")
     name = cfg.sweep_name or time.strftime("sweep-%Y%m%d-%H%M%S")
@@ -173,8 +179,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
     log(f"sweep {name!r}: {cfg.num_samples} trial(s), up to {concurrent} at once, scheduler {cfg.scheduler}; "
         f"MLflow parent run {parent_id}")
 
-    # the trial itself only waits on its TorchTrainer: a token CPU share (Tune refuses an empty request)
-    trainable = tune.with_resources(tune.with_parameters(_trial, prepared=prepared), {"CPU": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(_trial, prepared=prepared), {"CPU": TRIAL_CPUS})
     param_space = {**to_tune(space), "_sweep": {"name": name, "storage": storage, "base": base.to_dict()}}
     path = f"{storage}/{name}"
     if cfg.resume:

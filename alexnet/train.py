@@ -572,8 +572,11 @@ def log_final_artifacts(uri: str, run_id: str, model, prepared: Prepared) -> str
     # the fluent API refuses a run outside the process's active experiment (set by an earlier job in-process)
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
+        # stated requirements: MLflow's inference of them imports the model in a subprocess (~10 s a run);
+        # the pt2 export needs torch only, not this package
         info = mlflow.pytorch.log_model(model, name="model", input_example=example,
-                                        signature=infer_signature(example, logits))
+                                        signature=infer_signature(example, logits),
+                                        pip_requirements=mlflow.pytorch.get_default_pip_requirements())
         save_kernel_png(model, Path(tmp) / "conv1_kernels.png")
         _learning_curves_png(uri, run_id, Path(tmp) / "learning_curves.png")
         mlflow.log_artifacts(tmp, artifact_path="train")
@@ -609,8 +612,11 @@ def per_worker_resources(cfg: TrainConfig) -> dict[str, float]:
     return {"CPU": cfg.cpus_per_worker, "GPU": float(cfg.gpus_per_worker)}
 
 
-def preflight(cfg: TrainConfig) -> tuple[Prepared, str, str]:
-    """Every check that can fail before training starts (UsageError), then Ray: (data, tracking URI, storage)."""
+def preflight(cfg: TrainConfig, driver_cpus: float = 0.0) -> tuple[Prepared, str, str]:
+    """Every check that can fail before training starts (UsageError), then Ray: (data, tracking URI, storage).
+
+    `driver_cpus`: what a Ray task driving the trainer holds (a Tune trial), besides the workers.
+    """
     from alexnet.cluster import check_resources, connect_ray
     from alexnet.tracking import absolute_uri, check_tracking_uri, resolve_tracking_uri
 
@@ -621,10 +627,10 @@ def preflight(cfg: TrainConfig) -> tuple[Prepared, str, str]:
     init_from = resolve_init_from(cfg)
     if init_from is not None:  # fails here, before Ray starts, when the weights do not fit
         load_initial_weights(build_model(num_classes=prepared.num_classes, **cfg.model_options()), read_state(init_from))
-    connect_ray(cfg.address, min_cpus=cfg.num_workers * cfg.cpus_per_worker + 1)
+    connect_ray(cfg.address, min_cpus=cfg.num_workers * cfg.cpus_per_worker + 1 + driver_cpus)
     if cfg.check_resources:
         # one CPU beyond the workers: Ray Data's decoding tasks need somewhere to run
-        check_resources(per_worker_resources(cfg), cfg.num_workers, spare_cpus=1.0)
+        check_resources(per_worker_resources(cfg), cfg.num_workers, spare_cpus=1.0 + driver_cpus)
     return prepared, uri, storage_path(cfg.storage_path)
 
 
