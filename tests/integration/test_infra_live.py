@@ -183,10 +183,20 @@ def test_mlflow_server_listens_on_loopback_only_by_default(mlflow_server):
     tree = [psutil.Process(mlflow_server["pid"]), *psutil.Process(mlflow_server["pid"]).children(recursive=True)]
     listening = {c.laddr for p in tree for c in p.net_connections(kind="inet")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == mlflow_server["port"]}
-    assert listening and {a.ip for a in listening} == {"127.0.0.1"}
+    log = (mlflow_server["artifacts"].parent / "server.log").read_text()[-2000:]
+    assert listening and {a.ip for a in listening} == {"127.0.0.1"}, (listening, log)
 
 
-def test_training_run_lands_on_the_tracking_server(mlflow_server, prepared, small_args, tmp_path, capsys):
+def test_training_run_lands_on_the_tracking_server(mlflow_server, prepared, small_args, mlflow_uri, tmp_path, capsys):
+    try:
+        _train_against(mlflow_server, prepared, small_args, tmp_path, capsys)
+    finally:
+        # mlflow.set_tracking_uri (called by the run) also sets $MLFLOW_TRACKING_URI: point both back at
+        # the session's store, or later tests would log to this server after it stops
+        mlflow.set_tracking_uri(mlflow_uri)
+
+
+def _train_against(mlflow_server, prepared, small_args, tmp_path, capsys) -> None:
     url = mlflow_server["url"]
     argv = ["--data", str(prepared[0]), "--epochs", "1", "--run-name", "to-server", "--tracking-uri", url,
             "--storage-path", str(tmp_path / "ckpt"), "--experiment", "server-test", *small_args]
@@ -204,12 +214,8 @@ def test_training_run_lands_on_the_tracking_server(mlflow_server, prepared, smal
     # the model: a LoggedModel on the server that loads back through it and takes any batch size
     (model,) = client.search_logged_models(experiment_ids=[exp.experiment_id])
     assert model.source_run_id == run.info.run_id
-    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(url)
-    try:
-        net = mlflow.pytorch.load_model(f"models:/{model.model_id}")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    net = mlflow.pytorch.load_model(f"models:/{model.model_id}")
     with torch.no_grad():
         logits = net(torch.zeros(3, 3, 64, 64))
     assert logits.shape == (3, prepared[1]["num_classes"]) and np.isfinite(logits.numpy()).all()
