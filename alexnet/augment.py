@@ -13,16 +13,24 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from alexnet.imaging import decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
 
 # The paper's 10 test patches: four corners and the centre, each also flipped.
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 
 
+def decode_image(jpeg: bytes) -> np.ndarray:
+    """One stored shard image -> (3, S, S) uint8.
+
+    torchvision's libjpeg-turbo decoder: the same pixels as Pillow's, ~1.5x faster here, and
+    channels-first already.
+    """
+    return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB).numpy()
+
+
 def decode_images(jpegs) -> np.ndarray:
-    """Stored JPEG bytes -> (N, S, S, 3) uint8."""
-    return np.stack([decode_jpeg(bytes(b)) for b in jpegs])
+    """Stored JPEG bytes -> (N, 3, S, S) uint8."""
+    return np.stack([decode_image(b) for b in jpegs])
 
 
 def lighting(alphas: np.ndarray, eigenvalues: np.ndarray, eigenvectors: np.ndarray) -> np.ndarray:
@@ -34,15 +42,15 @@ def train_batch(batch: dict, *, crop: int, eigenvalues: np.ndarray, eigenvectors
                 sigma: float) -> dict:
     """Ray Data map_batches: stored JPEGs -> random crops, flips and lighting offsets."""
     rng = np.random.default_rng()  # fresh OS entropy every call: new draws every epoch
-    images = decode_images(batch["image"])
-    n, size = images.shape[0], images.shape[1]
+    images = [decode_image(b) for b in batch["image"]]
+    n, size = len(images), images[0].shape[1]
     ys = rng.integers(0, size - crop + 1, n)
     xs = rng.integers(0, size - crop + 1, n)
     flips = rng.random(n) < 0.5
     out = np.empty((n, 3, crop, crop), np.uint8)
-    for i in range(n):
-        patch = images[i, ys[i]:ys[i] + crop, xs[i]:xs[i] + crop]
-        out[i] = (patch[:, ::-1] if flips[i] else patch).transpose(2, 0, 1)
+    for i, image in enumerate(images):
+        patch = image[:, ys[i]:ys[i] + crop, xs[i]:xs[i] + crop]
+        out[i] = patch[:, :, ::-1] if flips[i] else patch
     alphas = rng.normal(0.0, sigma, (n, 3)) if sigma > 0 else np.zeros((n, 3))
     return {"image": out, "offset": np.stack([ys, xs], 1).astype(np.int32), "flip": flips,
             "light": lighting(alphas, np.asarray(eigenvalues), np.asarray(eigenvectors)),
@@ -51,8 +59,7 @@ def train_batch(batch: dict, *, crop: int, eigenvalues: np.ndarray, eigenvectors
 
 def eval_batch(batch: dict) -> dict:
     """Ray Data map_batches: stored JPEGs -> whole (N, 3, S, S) uint8 images; crops are taken on device."""
-    images = decode_images(batch["image"])
-    out = {"image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)), "label": np.asarray(batch["label"], np.int64)}
+    out = {"image": decode_images(batch["image"]), "label": np.asarray(batch["label"], np.int64)}
     if "path" in batch:  # evaluation keeps each image's identity
         out["path"] = np.asarray(batch["path"])
     return out
@@ -84,24 +91,51 @@ class Normalizer:
     def __init__(self, mean_image: np.ndarray, device: torch.device, scale: float = 1.0,
                  channels_last: bool = False):
         self.mean = torch.as_tensor(np.ascontiguousarray(mean_image.transpose(2, 0, 1)), device=device)
+        self.mean_flipped = self.mean.flip(2).contiguous()
         self.size, self.device, self.scale, self.channels_last = mean_image.shape[0], device, scale, channels_last
 
     def __call__(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
                  light: torch.Tensor | None = None) -> torch.Tensor:
         """images (N, 3, c, c) uint8 already cropped at offsets (N, 2) and flipped where flips (N,)."""
-        n, crop = images.shape[0], images.shape[-1]
-        images, offsets, flips = (t.to(self.device, non_blocking=True) for t in (images, offsets, flips))
+        images = images.to(self.device, non_blocking=True)
+        x = self._minus_mean(images, offsets, flips)
+        if light is not None:
+            x.add_(light.to(self.device, non_blocking=True)[:, :, None, None])
+        if self.scale != 1.0:
+            x.mul_(self.scale)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _minus_mean(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """images - the mean image at each one's offset and flip, as float32.
+
+        On a GPU one gather kernel.  On the CPU the gather is memory-bound (~4x slower than the
+        rest of the step's input work), so there: one fused uint8 - float subtraction per image
+        from a view of the mean image (or of its mirror image) into the output.
+        """
+        if self.device.type == "cpu":
+            return self._minus_mean_sliced(images, offsets, flips)
+        return self._minus_mean_gathered(images, offsets, flips)
+
+    def _minus_mean_gathered(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        crop = images.shape[-1]
+        offsets, flips = offsets.to(self.device, non_blocking=True), flips.to(self.device, non_blocking=True)
         steps = torch.arange(crop, device=self.device)
         rows = offsets[:, 0, None] + steps
         cols = offsets[:, 1, None] + steps
         cols = torch.where(flips[:, None].bool(), cols.flip(1), cols)
         mean = self.mean[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)  # (N, 3, c, c)
-        x = images.float() - mean
-        if light is not None:
-            x = x + light.to(self.device, non_blocking=True)[:, :, None, None]
-        if self.scale != 1.0:
-            x = x * self.scale
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return images.float() - mean
+
+    def _minus_mean_sliced(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        crop = images.shape[-1]
+        out = torch.empty(images.shape, dtype=torch.float32, device=self.device)
+        for i, ((y, x), flip) in enumerate(zip(offsets.tolist(), flips.tolist())):
+            if flip:  # columns x+c-1 .. x of the mean = columns S-x-c .. S-x-1 of its mirror image
+                mean = self.mean_flipped[:, y:y + crop, self.size - x - crop:self.size - x]
+            else:
+                mean = self.mean[:, y:y + crop, x:x + crop]
+            torch.sub(images[i], mean, out=out[i])
+        return out
 
     def view(self, images: torch.Tensor, y: int, x: int, flip: bool, crop: int) -> torch.Tensor:
         """One eval view of whole (N, 3, S, S) uint8 images."""

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from alexnet.config import EvalConfig, TrainConfig, UsageError
-from alexnet.train import Prepared, classes_digest, read_prepared, read_state
+from alexnet.train import Prepared, classes_digest, read_prepared, read_shards, read_state
 
 Log = Callable[[str], None]
 
@@ -181,7 +181,7 @@ def _val_dataset(prepared: Prepared):
 
     from alexnet.augment import eval_batch
 
-    ds = ray.data.read_parquet(prepared.val_files, columns=["image", "label", "path"])
+    ds = read_shards(prepared.val_files, ["image", "label", "path"])
     return ds.map_batches(eval_batch, batch_size=32, num_cpus=1)
 
 
@@ -426,13 +426,13 @@ def figure4(member: Member, prepared: Prepared, cfg: EvalConfig, path: Path, k: 
     rng = np.random.default_rng(cfg.seed)
     picks = sorted(rng.choice(val.num_rows, min(cfg.figure4, val.num_rows), replace=False))
     chosen = val.take(picks)
-    images = decode_images(chosen["image"].to_pylist()).transpose(0, 3, 1, 2)
+    images = decode_images(chosen["image"].to_pylist())
     p = MemberPredictor(member.checkpoint, member.num_classes, prepared.mean_image, prepared.size, ("center",), False)
     (top, left, flip), = eval_views(p.size, p.cfg.image_size, "center")
     with torch.no_grad():
-        queries = p.model.fc7_features(p.normalizer.view(torch.from_numpy(np.ascontiguousarray(images)), top, left,
+        queries = p.model.fc7_features(p.normalizer.view(torch.from_numpy(images), top, left,
                                                          flip, p.cfg.image_size)).float().numpy()
-    ds = ray.data.read_parquet(prepared.train_files, columns=["image", "label", "path"])
+    ds = read_shards(prepared.train_files, ["image", "label", "path"])
     ds = ds.map_batches(_decode_keep_jpeg, batch_size=32, num_cpus=1)
     ds = ds.map_batches(NeighbourSearch, batch_size=cfg.batch_size,
                         fn_constructor_kwargs={"checkpoint": member.checkpoint, "num_classes": member.num_classes,

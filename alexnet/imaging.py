@@ -97,9 +97,3 @@ def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
-
-
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """Stored shard image back to a (H, W, 3) uint8 array."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"))

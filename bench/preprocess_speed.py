@@ -22,6 +22,7 @@ import psutil
 import ray
 from PIL import Image
 
+from alexnet.cluster import job_runtime_env
 from alexnet.config import PreprocessConfig
 from alexnet.preprocess import run_preprocess
 from alexnet.sample import SampleConfig, make_sample
@@ -104,7 +105,8 @@ def main() -> None:
         # ImageNet-like: most sides 333-500 px (~500x375), 10% with a side >= 1000 px
         make_sample(SampleConfig(output=trees[n], num_classes=classes, train_per_class=n // classes, val_per_class=0,
                                  min_side=333, max_side=500, large_fraction=0.1, quirks=False, workers=2))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env=job_runtime_env())
     import mlflow
 
     mlflow.set_tracking_uri(uri)

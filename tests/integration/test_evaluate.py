@@ -113,8 +113,8 @@ def _fc7_and_probs(run_id: str, prepared, images: np.ndarray):
 
 def _decoded(files: list[str]):
     table = pq.read_table(files, columns=["path", "image"]).sort_by("path")
-    images = decode_images(table["image"].to_pylist()).transpose(0, 3, 1, 2)
-    return np.asarray(table["path"].to_pylist()), np.ascontiguousarray(images)
+    images = decode_images(table["image"].to_pylist())
+    return np.asarray(table["path"].to_pylist()), images
 
 
 def _check_against_the_model(run_id: str, prepared, stored) -> None:

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from alexnet.augment import decode_images
 from alexnet.config import PreprocessConfig
-from alexnet.imaging import decode_jpeg
 from alexnet.preprocess import run_preprocess
 from alexnet.sample import SampleConfig, make_sample
 from pipelines import preprocess as cli
@@ -70,7 +70,7 @@ def test_val_labels_come_from_the_solution_csv(prepared, sample_tree):
 
 def test_statistics_equal_numpy_over_the_stored_pixels(prepared):
     out, _ = prepared
-    pixels = np.stack([decode_jpeg(b) for b in _rows(out, "train")["image"]]).astype(np.float64)
+    pixels = decode_images(_rows(out, "train")["image"]).transpose(0, 2, 3, 1).astype(np.float64)
     mean_image = np.load(out / "mean_image.npy")
     assert mean_image.shape == (72, 72, 3) and mean_image.dtype == np.float32
     assert np.abs(mean_image - pixels.mean(axis=0)).mean() < 0.5

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import numpy as np
 import pytest
 import torch
 
-from alexnet.augment import Normalizer, eval_batch, eval_views, lighting, train_batch
-from alexnet.imaging import decode_jpeg, encode_jpeg
+from alexnet.augment import Normalizer, decode_image, eval_batch, eval_views, lighting, train_batch
+from alexnet.imaging import encode_jpeg
 
 SIZE, CROP = 40, 32
 # a plausible RGB PCA on the [0, 1] scale (columns are eigenvectors), as pca.json stores it
@@ -31,7 +32,7 @@ def test_train_batch_shapes_and_that_crops_are_flipped_patches_of_the_image():
     ys, xs = out["offset"].T
     assert ys.min() >= 0 and ys.max() <= SIZE - CROP and len(set(ys)) > 3
     for i in range(64):
-        patch = decode_jpeg(jpegs[i])[ys[i]:ys[i] + CROP, xs[i]:xs[i] + CROP].transpose(2, 0, 1)
+        patch = decode_image(jpegs[i])[:, ys[i]:ys[i] + CROP, xs[i]:xs[i] + CROP]
         expected = patch[:, :, ::-1] if out["flip"][i] else patch
         np.testing.assert_array_equal(out["image"][i], expected)
 
@@ -74,6 +75,25 @@ def test_normalizer_subtracts_the_mean_image_cropped_and_flipped_alike():
         m = m[:, :, ::-1] if out["flip"][i] else m
         expected = (out["image"][i].astype(np.float32) - m + out["light"][i][:, None, None]) * 0.5
         np.testing.assert_allclose(x[i].numpy(), expected, atol=1e-4)
+
+
+def test_both_mean_subtractions_agree_to_the_bit():
+    """The GPU's single gather and the CPU's per-image slices of the mean and its mirror image."""
+    rng = np.random.default_rng(6)
+    mean = rng.uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32)
+    images = torch.from_numpy(rng.integers(0, 256, (32, 3, CROP, CROP), dtype=np.uint8))
+    offsets = torch.from_numpy(rng.integers(0, SIZE - CROP + 1, (32, 2)))
+    offsets[:4] = torch.tensor([[0, 0], [0, SIZE - CROP], [SIZE - CROP, 0], [SIZE - CROP, SIZE - CROP]])
+    flips = torch.from_numpy(rng.random(32) < 0.5)
+    norm = Normalizer(mean, torch.device("cpu"))
+    assert torch.equal(norm._minus_mean_gathered(images, offsets, flips), norm._minus_mean_sliced(images, offsets, flips))
+
+
+def test_stored_images_decode_to_the_same_pixels_as_pillow():
+    from PIL import Image
+
+    for jpeg in _stored(4, seed=7):
+        np.testing.assert_array_equal(decode_image(jpeg), np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).transpose(2, 0, 1))
 
 
 def test_ten_views_are_four_corners_and_centre_each_flipped():
