@@ -1,11 +1,12 @@
 # Two entry points a newcomer needs: `make demo` and `make test`. Each creates .venv if it is missing.
+# `make test-fast`: the tests that start no Ray, MLflow server or entry-point subprocess (seconds to a minute).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 DEMO_GROUP := demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not integration and not gpu"
 
 bench: $(VENV)/.installed
 	$(PY) bench/preprocess_speed.py

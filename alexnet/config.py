@@ -11,11 +11,14 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import yaml
 
+from alexnet.model import ModelConfig
+
 C = TypeVar("C", bound="ConfigBase")
+Log = Callable[[str], None]  # where a job's console lines go (print, or a test's collector)
 
 
 class UsageError(ValueError):
@@ -50,8 +53,16 @@ class ConfigBase:
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        """One flag per field: `--field-name`; bools get `--x/--no-x`; help from field metadata."""
+        """One flag per field: `--field-name`; bools get `--x/--no-x`; help from field metadata.
+
+        Fields inherited from a plain dataclass (ModelConfig) are listed in a group of their own.
+        """
         hints = typing.get_type_hints(cls)
+        groups = {}
+        for base in cls.__mro__[1:]:
+            if dataclasses.is_dataclass(base) and not issubclass(base, ConfigBase):
+                group = parser.add_argument_group(base.__doc__.splitlines()[0].rstrip("."))
+                groups |= {f.name: group for f in dataclasses.fields(base)}
         for f in dataclasses.fields(cls):
             tp, optional = _unwrap_optional(hints[f.name])
             flag = "--" + f.name.replace("_", "-")
@@ -74,7 +85,7 @@ class ConfigBase:
                 kw["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 if kw["help"] and tp is not bool:
                     kw["help"] += f" (default: {kw['default']})"
-            parser.add_argument(flag, **kw)
+            groups.get(f.name, parser).add_argument(flag, **kw)
         return parser
 
     @classmethod
@@ -152,24 +163,21 @@ def field(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) -
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
-# The model's options, shared by ModelConfig (alexnet.model) and TrainConfig: name -> (default, help, metadata).
-MODEL_OPTIONS: dict[str, tuple[Any, str, dict]] = {
-    "arch": ("paper", "paper: two towers as in 2012; owt: torchvision's single column",
-             {"choices": ("paper", "owt")}),
-    "width": (1.0, "multiplier of every layer's channel and neuron count (0.25 for CPU trials)", {}),
-    "init": ("paper", "paper: N(0, 0.01) weights and the paper's biases; pytorch: layer defaults "
-             "(narrow nets need it)", {"choices": ("paper", "pytorch")}),
-    "bias_value": (1.0, "paper init: bias of conv2/4/5 and fc6/7 (Caffe used 0.1)", {}),
-    "dropout": (0.5, "dropout probability of fc6 and fc7", {}),
-    "extra_conv": (False, "a sixth conv layer (3x3, conv5's channels) over pool5, as in the paper's "
-                   "pre-trained ensemble members", {}),
-    "image_size": (224, "input side (training: the random crop, at most the stored size); fc6 follows from it", {}),
-}
+# The flags every job shares, declared once.
+def address_field() -> Any:
+    return field(None, help="Ray cluster to join ('auto' or host:port); none starts a local one")
 
 
-def model_field(name: str) -> Any:
-    default, help, metadata = MODEL_OPTIONS[name]
-    return field(default, help=help, **metadata)
+def tracking_uri_field() -> Any:
+    return field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+
+
+def experiment_field() -> Any:
+    return field("alexnet-ray", help="MLflow experiment")
+
+
+def run_name_field(help: str = "MLflow run name") -> Any:
+    return field(None, help=help)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,10 +197,10 @@ class PreprocessConfig(ConfigBase):
     overwrite: bool = field(False, help="delete an existing output folder and start afresh")
     stats: bool = field(True, help="compute the mean image and the RGB PCA in the same pass")
     draft: bool = field(True, help="let large JPEGs decode at a reduced DCT scale (faster, same quality)")
-    address: str | None = field(None, help="Ray cluster to join ('auto' or host:port); none starts a local one")
-    tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    experiment: str = field("alexnet-ray", help="MLflow experiment")
-    run_name: str | None = field(None, help="MLflow run name")
+    address: str | None = address_field()
+    tracking_uri: str | None = tracking_uri_field()
+    experiment: str = experiment_field()
+    run_name: str | None = run_name_field()
 
     def __post_init__(self) -> None:
         if not 16 <= self.size <= 4096:
@@ -207,9 +215,9 @@ class PreprocessConfig(ConfigBase):
                 raise UsageError(f"--{name} must be at least 1, got {value}")
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(ConfigBase):
-    """`pipelines/train.py`: the paper's training run on Ray Train, logged to MLflow."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(ConfigBase, ModelConfig):
+    """`pipelines/train.py`: the paper's training run on Ray Train, logged to MLflow (model options: ModelConfig)."""
 
     data: Path = field(help="a finished preprocessing output (pipelines/preprocess.py --output)")
     # resources
@@ -233,14 +241,6 @@ class TrainConfig(ConfigBase):
     init_from: str | None = field(None, help="start from these weights (fine-tuning): an MLflow run id of a training "
                                   "run or a checkpoint folder/state.pt; the output layer is replaced when the "
                                   "class count differs")
-    # the model
-    arch: str = model_field("arch")
-    width: float = model_field("width")
-    init: str = model_field("init")
-    bias_value: float = model_field("bias_value")
-    dropout: float = model_field("dropout")
-    extra_conv: bool = model_field("extra_conv")
-    image_size: int = model_field("image_size")
     # augmentation and input
     pca_lighting: bool = field(True, help="the paper's PCA colour augmentation")
     lighting_sigma: float = field(0.1, help="std of the PCA lighting coefficients")
@@ -252,18 +252,22 @@ class TrainConfig(ConfigBase):
     channels_last: bool = field(False, help="NHWC memory format")
     compile: bool = field(False, help="torch.compile the training step's module (measured 1.5-2x on an H200)")
     # bookkeeping
-    experiment: str = field("alexnet-ray", help="MLflow experiment")
-    run_name: str | None = field(None, help="name of the run; rerunning with the same name resumes it")
-    tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    experiment: str = experiment_field()
+    run_name: str | None = run_name_field("name of the run; rerunning with the same name resumes it")
+    tracking_uri: str | None = tracking_uri_field()
     storage_path: str | None = field(None, help="where Ray Train keeps checkpoints: a shared folder or s3:// on "
                                      "multi-node clusters (default: ./ray_results)")
     keep_checkpoints: int = field(3, help="checkpoints kept besides the latest (the best by val/top1_err)")
     max_failures: int = field(3, help="worker-group restarts from the last checkpoint before the run fails")
-    address: str | None = field(None, help="Ray cluster to join ('auto' or host:port); none starts a local one")
+    address: str | None = address_field()
     check_resources: bool = field(True, help="fail at once when the cluster cannot hold the workers "
                                   "(--no-check-resources on autoscaling clusters)")
 
     def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except ValueError as err:  # ModelConfig's own checks
+            raise UsageError(str(err)) from err
         checks = [
             (self.num_workers >= 1, f"--num-workers must be at least 1, got {self.num_workers}"),
             (self.cpus_per_worker >= 0, "--cpus-per-worker must be >= 0"),
@@ -272,8 +276,6 @@ class TrainConfig(ConfigBase):
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0,
              "need --lr > 0, 0 <= --momentum < 1, --weight-decay >= 0"),
-            (0 <= self.dropout < 1, "--dropout must be within [0, 1)"),
-            (self.width > 0, "--width must be positive"),
             (self.lr_patience >= 0 and self.max_lr_drops >= 0, "--lr-patience and --max-lr-drops must be >= 0"),
             (self.lighting_sigma >= 0 and self.pixel_scale > 0, "need --lighting-sigma >= 0 and --pixel-scale > 0"),
             (self.eval_10crop_every >= 0 and self.shuffle_buffer >= 0 and self.keep_checkpoints >= 1
@@ -287,13 +289,8 @@ class TrainConfig(ConfigBase):
             if not ok:
                 raise UsageError(message)
 
-    def model_options(self) -> dict[str, Any]:
-        """Keyword arguments of alexnet.model.build_model (besides num_classes and devices)."""
-        return dict(arch=self.arch, width=self.width, init=self.init, bias_value=self.bias_value,
-                    dropout=self.dropout, extra_conv=self.extra_conv, image_size=self.image_size)
 
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SweepConfig(TrainConfig):
     """`pipelines/tune.py`: every training flag (the base of each trial) plus the sweep's own."""
 
@@ -341,10 +338,10 @@ class EvalConfig(ConfigBase):
     gpus_per_actor: float = field(0.0, help="GPUs of each inference actor (0: CPU)")
     recompute: bool = field(False, help="run inference again even where a member's stored outputs exist")
     figure4: int = field(4, help="validation images of the Figure 4 grid (six nearest training images in fc7); 0: none")
-    tracking_uri: str | None = field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    tracking_uri: str | None = tracking_uri_field()
     ensemble_experiment: str = field("ensembles", help="MLflow experiment of the evaluation runs")
-    run_name: str | None = field(None, help="name of the summary run (default: ensembles-TIMESTAMP)")
-    address: str | None = field(None, help="Ray cluster to join ('auto' or host:port); none starts a local one")
+    run_name: str | None = run_name_field("name of the summary run (default: ensembles-TIMESTAMP)")
+    address: str | None = address_field()
 
     def __post_init__(self) -> None:
         if bool(self.runs) == bool(self.experiment):

@@ -7,6 +7,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from alexnet.config import UsageError
 
 VAL_SOLUTION_CSV = "LOC_val_solution.csv"
@@ -21,9 +25,6 @@ class Layout:
     wnids: tuple[str, ...]          # all train classes, sorted: the class index
     val: str | None                 # "folders", "flat" or None (no val/)
     val_labels: Path | None         # the CSV used for a flat val/
-
-    def class_dirs(self) -> list[Path]:
-        return [self.root / "train" / w for w in self.wnids]
 
 
 def detect_layout(root: Path, output: Path, val_labels: Path | None = None) -> Layout:
@@ -95,3 +96,68 @@ def list_folder(folder: str) -> list[tuple[str, bool]]:
     """(name, is_file) of every entry of one folder, sorted; one scandir per class, run in parallel."""
     with os.scandir(folder) as it:
         return sorted((e.name, e.is_file()) for e in it)
+
+
+def _list_folders_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
+    """Ray Data task: list a batch of folders; `kind` tells files from stray sub-folders."""
+    out: dict[str, list] = {"split": [], "path": [], "wnid": [], "is_file": []}
+    for split, folder, rel, wnid in zip(batch["split"], batch["folder"], batch["rel"], batch["wnid"]):
+        for name, is_file in list_folder(folder):
+            out["split"].append(split)
+            out["path"].append(f"{rel}/{name}")
+            out["wnid"].append(wnid)
+            out["is_file"].append(is_file)
+    return out
+
+
+def list_files(layout: Layout, classes: int | None = None,
+               limit: int | None = None) -> tuple[dict[str, pa.Table], list[tuple[str, str]]]:
+    """{split: table(path, label, wnid)} of the files to process (the first `classes` classes, the first `limit`
+    files of each split), sorted by path, and the listing's rejects."""
+    import ray
+
+    from alexnet.datasets import one_stage
+
+    folders = [("train", f"train/{w}", w) for w in layout.wnids]
+    if layout.val == "folders":
+        folders += [("val", f"val/{e.name}", e.name) for e in os.scandir(layout.root / "val") if e.is_dir()]
+    elif layout.val == "flat":
+        folders.append(("val", "val", ""))
+    items = [{"split": s, "folder": str(layout.root / rel), "rel": rel, "wnid": w} for s, rel, w in folders]
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * cpus)))
+    listed = one_stage(ds.map_batches(_list_folders_batch, batch_size=8, batch_format="numpy"))
+    table = pa.concat_tables([pa.Table.from_pandas(b) if not isinstance(b, pa.Table) else b
+                              for b in ray.get(listed.to_arrow_refs())])
+    table = table.sort_by("path")
+
+    keep_wnids = layout.wnids[:classes] if classes else layout.wnids
+    index = {w: i for i, w in enumerate(layout.wnids)}
+    kept = set(keep_wnids)
+    val_labels = read_val_labels(layout.val_labels) if layout.val == "flat" else {}
+
+    rejects: list[tuple[str, str]] = []
+    files: dict[str, pa.Table] = {}
+    for split in ("train", "val"):
+        cols = table.filter(pc.equal(table["split"], split)).to_pydict()
+        paths, labels, wnids = [], [], []
+        for path, wnid, is_file in zip(cols["path"], cols["wnid"], cols["is_file"]):
+            if split == "val" and layout.val == "flat":
+                wnid = val_labels.get(Path(path).stem)
+                if wnid is None:
+                    if is_file:
+                        rejects.append((path, f"no label for {Path(path).stem} in {layout.val_labels}"))
+                    continue
+            if wnid not in index:
+                rejects.append((path, f"class {wnid} is not among the train classes"))
+                continue
+            if wnid not in kept:
+                continue  # excluded by --classes
+            if not is_file:
+                rejects.append((path, "a folder inside a class folder (nested folders are not read)"))
+                continue
+            paths.append(path), labels.append(index[wnid]), wnids.append(wnid)
+        if limit:
+            paths, labels, wnids = paths[:limit], labels[:limit], wnids[:limit]
+        files[split] = pa.table({"path": paths, "label": pa.array(labels, pa.int32()), "wnid": wnids})
+    return files, rejects

@@ -17,31 +17,54 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet.config import ConfigBase, field, model_field
-
 PAPER_CHANNELS = (96, 256, 384, 384, 256)     # both towers together
 PAPER_FC = 4096
 OWT_CHANNELS = (64, 192, 384, 256, 256)
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)  # torch divides alpha by size, as cuda-convnet does
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig(ConfigBase):
-    arch: str = model_field("arch")
-    num_classes: int = field(1000, help="size of the output layer")
-    width: float = model_field("width")
-    init: str = model_field("init")
-    bias_value: float = model_field("bias_value")
-    dropout: float = model_field("dropout")
-    extra_conv: bool = model_field("extra_conv")
-    image_size: int = model_field("image_size")
+def _option(default, help: str, shapes_weights: bool = False, **metadata):
+    """A model option: its CLI help lives here; `shapes_weights` marks what a checkpoint's tensors depend on."""
+    return dataclasses.field(default=default, metadata={"help": help, "shapes_weights": shapes_weights, **metadata})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The network's shape and initialisation.
+
+    `TrainConfig` derives from it, so a training config is also the model's config.
+    """
+
+    arch: str = _option("paper", "paper: two towers as in 2012; owt: torchvision's single column",
+                        shapes_weights=True, choices=("paper", "owt"))
+    width: float = _option(1.0, "multiplier of every layer's channel and neuron count (0.25 for CPU trials)",
+                           shapes_weights=True)
+    init: str = _option("paper", "paper: N(0, 0.01) weights and the paper's biases; pytorch: layer defaults "
+                        "(narrow nets need it)", choices=("paper", "pytorch"))
+    bias_value: float = _option(1.0, "paper init: bias of conv2/4/5 and fc6/7 (Caffe used 0.1)")
+    dropout: float = _option(0.5, "dropout probability of fc6 and fc7")
+    extra_conv: bool = _option(False, "a sixth conv layer (3x3, conv5's channels) over pool5, as in the paper's "
+                               "pre-trained ensemble members", shapes_weights=True)
+    image_size: int = _option(224, "input side (training: the random crop, at most the stored size); fc6 follows "
+                              "from it", shapes_weights=True)
 
     def __post_init__(self) -> None:
-        if self.num_classes < 1 or self.width <= 0 or not 0 <= self.dropout < 1:
-            raise ValueError("need num_classes >= 1, width > 0 and 0 <= dropout < 1")
+        if self.width <= 0:
+            raise ValueError(f"--width must be positive, got {self.width}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be within [0, 1), got {self.dropout}")
         if self.image_size < MIN_IMAGE_SIZE:
-            raise ValueError(f"image size {self.image_size} is too small: AlexNet needs at least "
+            raise ValueError(f"--image-size {self.image_size} is too small: AlexNet needs at least "
                              f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels")
+
+    @classmethod
+    def of(cls, cfg: "ModelConfig") -> "ModelConfig":
+        """The model options alone of any config derived from ModelConfig (e.g. a TrainConfig)."""
+        return cfg if type(cfg) is cls else cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+# Model options whose values decide the tensors' shapes: a resumed run or loaded checkpoint must keep them.
+SHAPE_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata["shapes_weights"])
 
 
 def _conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
@@ -96,19 +119,19 @@ class Tower(nn.Module):
 class PaperAlexNet(nn.Module):
     """The two-tower net; `devices` holds one device (both towers) or two (one tower each)."""
 
-    def __init__(self, cfg: ModelConfig, devices: Sequence[torch.device] | None = None):
+    def __init__(self, cfg: ModelConfig, num_classes: int, devices: Sequence[torch.device] | None = None):
         super().__init__()
         devices = [torch.device(d) for d in (devices or ["cpu"])]
         if len(devices) not in (1, 2):
             raise ValueError(f"the paper net takes one or two devices, got {len(devices)}")
-        self.cfg = cfg
+        self.cfg, self.num_classes = cfg, num_classes
         self.devices = (devices[0], devices[-1])
         half = [_scaled(c, cfg.width / 2) for c in PAPER_CHANNELS]
         fc = _scaled(PAPER_FC, cfg.width / 2)
         s = spatial_sizes(cfg.image_size)["pool5"]
         self.towers = nn.ModuleList(Tower(half, fc, 2 * half[4] * s * s, cfg.dropout, cfg.extra_conv)
                                     for _ in range(2))
-        self.fc8 = nn.Linear(2 * fc, cfg.num_classes)
+        self.fc8 = nn.Linear(2 * fc, num_classes)
         if cfg.init == "paper":
             _paper_init(self.modules_in_order(), cfg.bias_value)
         for tower, device in zip(self.towers, self.devices):
@@ -150,9 +173,9 @@ class PaperAlexNet(nn.Module):
 class OWTAlexNet(nn.Module):
     """torchvision's `alexnet` (one weird trick): same module tree, so its state_dict loads as is."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.num_classes = cfg, num_classes
         c1, c2, c3, c4, c5 = (_scaled(c, cfg.width) for c in OWT_CHANNELS)
         fc = _scaled(PAPER_FC, cfg.width)
         self.features = nn.Sequential(
@@ -168,7 +191,7 @@ class OWTAlexNet(nn.Module):
         self.classifier = nn.Sequential(
             nn.Dropout(cfg.dropout), nn.Linear(c5 * 36, fc), nn.ReLU(inplace=True),
             nn.Dropout(cfg.dropout), nn.Linear(fc, fc), nn.ReLU(inplace=True),
-            nn.Linear(fc, cfg.num_classes),
+            nn.Linear(fc, num_classes),
         )
         if cfg.init == "paper":
             _paper_init(self.modules_in_order(), cfg.bias_value)
@@ -218,16 +241,19 @@ def _check_input(x: torch.Tensor, size: int, exact: bool = True) -> None:
         raise ValueError(f"input {h}x{w} is too small: AlexNet needs at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}")
 
 
-def build_model(arch: str = "paper", num_classes: int = 1000, devices: Sequence[torch.device | str] | None = None,
-                **options) -> nn.Module:
-    """The public constructor: `devices` None means CPU; two devices split the paper net's towers."""
-    cfg = ModelConfig(arch=arch, num_classes=num_classes, **options)
+def build_model(cfg: ModelConfig, num_classes: int = 1000,
+                devices: Sequence[torch.device | str] | None = None) -> nn.Module:
+    """The public constructor: `devices` None means CPU; two devices split the paper net's towers.
+
+    `cfg` may be any config derived from ModelConfig (a TrainConfig); the model keeps its model options only.
+    """
+    cfg = ModelConfig.of(cfg)
     if cfg.arch == "paper":
-        return PaperAlexNet(cfg, devices)
+        return PaperAlexNet(cfg, num_classes, devices)
     devices = list(devices or ["cpu"])
     if len(devices) != 1:
         raise ValueError("the owt variant is a single column: give it one device")
-    return OWTAlexNet(cfg).to(devices[0])
+    return OWTAlexNet(cfg, num_classes).to(devices[0])
 
 
 def output_layer(model: nn.Module) -> tuple[str, nn.Linear]:

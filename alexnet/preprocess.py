@@ -15,106 +15,25 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import alexnet
 from alexnet.cluster import connect_ray
-from alexnet.config import PreprocessConfig, UsageError
-from alexnet.imagenet import Layout, detect_layout, list_folder, read_synset_names, read_val_labels
+from alexnet.config import Log, PreprocessConfig, UsageError
+from alexnet.datasets import one_stage
+from alexnet.imagenet import Layout, detect_layout, list_files, read_synset_names
 from alexnet.imaging import BadImage, decode_rgb, encode_jpeg, resize_center_crop
+from alexnet.prepared import (CLASSES, MEAN_IMAGE, MEAN_IMAGE_PNG, PCA, REJECTS, ROW_GROUP_BYTES, SHARD_SCHEMA,
+                              SPLITS, SUMMARY, WORK_DIR, atomic_write, classes_text, rejects_text, save_npy,
+                              shard_name)
 from alexnet.stats import PixelMoments
-
-SPLITS = ("train", "val")
-WORK_DIR = "_work"          # per-shard results of an unfinished job; removed when it finishes
-ROW_GROUP_BYTES = 16 << 20      # bounds a task's memory; far below Parquet's 2 GiB limit
-SHARD_SCHEMA = pa.schema([
-    ("image", pa.binary()),     # JPEG bytes, size x size RGB
-    ("label", pa.int32()),      # index into the sorted train wnids
-    ("wnid", pa.string()),
-    ("path", pa.string()),      # relative to the input root
-])
-
-Log = Callable[[str], None]
-
-
-# ---------------------------------------------------------------- listing
-
-
-def _list_folders_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
-    """Ray Data task: list a batch of folders; `kind` tells files from stray sub-folders."""
-    out: dict[str, list] = {"split": [], "path": [], "wnid": [], "is_file": []}
-    for split, folder, rel, wnid in zip(batch["split"], batch["folder"], batch["rel"], batch["wnid"]):
-        for name, is_file in list_folder(folder):
-            out["split"].append(split)
-            out["path"].append(f"{rel}/{name}")
-            out["wnid"].append(wnid)
-            out["is_file"].append(is_file)
-    return out
-
-
-def _one_stage(ds):
-    """A one-operator Dataset needs no per-operator resource reservation. With it on, Ray Data
-    holds back half the CPUs for about a second and leaves gaps between tasks (measured on 2 CPUs:
-    the second task started 1.0 s after the first; without it, both at once)."""
-    ds.context.op_resource_reservation_enabled = False
-    return ds
-
-
-def list_files(layout: Layout, cfg: PreprocessConfig) -> tuple[dict[str, pa.Table], list[tuple[str, str]]]:
-    """{split: table(path, label, wnid)} of the files to process, sorted by path, and listing rejects."""
-    import ray
-
-    folders = [("train", f"train/{w}", w) for w in layout.wnids]
-    if layout.val == "folders":
-        folders += [("val", f"val/{e.name}", e.name) for e in os.scandir(layout.root / "val") if e.is_dir()]
-    elif layout.val == "flat":
-        folders.append(("val", "val", ""))
-    items = [{"split": s, "folder": str(layout.root / rel), "rel": rel, "wnid": w} for s, rel, w in folders]
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * cpus)))
-    listed = _one_stage(ds.map_batches(_list_folders_batch, batch_size=8, batch_format="numpy"))
-    table = pa.concat_tables([pa.Table.from_pandas(b) if not isinstance(b, pa.Table) else b
-                              for b in ray.get(listed.to_arrow_refs())])
-    table = table.sort_by("path")
-
-    keep_wnids = layout.wnids[: cfg.classes] if cfg.classes else layout.wnids
-    index = {w: i for i, w in enumerate(layout.wnids)}
-    kept = set(keep_wnids)
-    val_labels = read_val_labels(layout.val_labels) if layout.val == "flat" else {}
-
-    rejects: list[tuple[str, str]] = []
-    files: dict[str, pa.Table] = {}
-    for split in SPLITS:
-        cols = table.filter(pc.equal(table["split"], split)).to_pydict()
-        paths, labels, wnids = [], [], []
-        for path, wnid, is_file in zip(cols["path"], cols["wnid"], cols["is_file"]):
-            if split == "val" and layout.val == "flat":
-                wnid = val_labels.get(Path(path).stem)
-                if wnid is None:
-                    if is_file:
-                        rejects.append((path, f"no label for {Path(path).stem} in {layout.val_labels}"))
-                    continue
-            if wnid not in index:
-                rejects.append((path, f"class {wnid} is not among the train classes"))
-                continue
-            if wnid not in kept:
-                continue  # excluded by --classes
-            if not is_file:
-                rejects.append((path, "a folder inside a class folder (nested folders are not read)"))
-                continue
-            paths.append(path), labels.append(index[wnid]), wnids.append(wnid)
-        if cfg.limit:
-            paths, labels, wnids = paths[: cfg.limit], labels[: cfg.limit], wnids[: cfg.limit]
-        files[split] = pa.table({"path": paths, "label": pa.array(labels, pa.int32()), "wnid": wnids})
-    return files, rejects
 
 
 # ---------------------------------------------------------------- planning
@@ -162,20 +81,7 @@ def make_plan(cfg: PreprocessConfig, files: dict[str, pa.Table], cpus: int) -> d
     return {"rows_per_shard": rows_per_shard, "bytes_per_image_estimate": est, "shards": shards}
 
 
-def shard_name(split: str, shard: int) -> str:
-    return f"{split}/part-{shard:05d}.parquet"
-
-
 # ---------------------------------------------------------------- per-shard work
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def process_shard_per_worker(row: dict, *, root: str, out: str, size: int, quality: int,
@@ -223,8 +129,8 @@ def process_shard_per_worker(row: dict, *, root: str, out: str, size: int, quali
                   "seconds": time.perf_counter() - start, "node": _node_id()}
         # Side files first, the Parquet rename last: a shard counts as done only once it is visible.
         if moments is not None:
-            _atomic_write(work / f"{split}-{shard:05d}.npz", moments.save)
-        _atomic_write(work / f"{split}-{shard:05d}.json", lambda p: p.write_text(json.dumps(result)))
+            atomic_write(work / f"{split}-{shard:05d}.npz", moments.save)
+        atomic_write(work / f"{split}-{shard:05d}.json", lambda p: p.write_text(json.dumps(result)))
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -248,13 +154,13 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     """Refuse to touch a finished or foreign folder unless --overwrite; clean stale temporaries."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a folder")
-    ours = (out / "summary.json").exists() or (out / WORK_DIR).is_dir()
+    ours = (out / SUMMARY).exists() or (out / WORK_DIR).is_dir()
     if out.is_dir() and any(out.iterdir()):
         if overwrite:
             if not ours:
                 raise UsageError(f"--overwrite refuses to delete {out}: it is not a preprocessing output")
             shutil.rmtree(out)
-        elif (out / "summary.json").exists():
+        elif (out / SUMMARY).exists():
             raise UsageError(f"{out} holds a finished preprocessing output; pass --overwrite to redo it")
         elif not ours:
             raise UsageError(f"output folder {out} is not empty and not a preprocessing output")
@@ -279,7 +185,7 @@ def run_preprocess(cfg: PreprocessConfig, log: Log = print) -> dict:
 
     connect_ray(cfg.address)
     phases = {"start": time.perf_counter() - started}
-    files, listing_rejects = list_files(layout, cfg)
+    files, listing_rejects = list_files(layout, cfg.classes, cfg.limit)
     phases["listing"] = time.perf_counter() - started - sum(phases.values())
     if files["train"].num_rows == 0:
         raise UsageError("no training files left after --classes/--limit")
@@ -298,7 +204,7 @@ def run_preprocess(cfg: PreprocessConfig, log: Log = print) -> dict:
     else:
         plan = make_plan(cfg, files, max(1, int(ray.cluster_resources().get("CPU", 1))))
         plan["fingerprint"] = fingerprint
-        _atomic_write(plan_path, lambda p: p.write_text(json.dumps(plan)))
+        atomic_write(plan_path, lambda p: p.write_text(json.dumps(plan)))
 
     phases["planning"] = time.perf_counter() - started - sum(phases.values())
     todo = [s for s in plan["shards"] if not _shard_done(out, s["split"], s["shard"])]
@@ -323,7 +229,7 @@ def _run_shards(items: list[dict], cfg: PreprocessConfig, out: Path, log: Log) -
         fn_kwargs={"root": str(Path(cfg.input).resolve()), "out": str(out.resolve()), "size": cfg.size,
                    "quality": cfg.quality, "draft": cfg.draft, "stats": cfg.stats},
         num_cpus=1)
-    ds = _one_stage(ds)
+    ds = one_stage(ds)
     start, files_done, shards_done, last_log = time.perf_counter(), 0, 0, 0.0
     for result in ds.iter_rows():
         shards_done += 1
@@ -339,7 +245,7 @@ def _run_shards(items: list[dict], cfg: PreprocessConfig, out: Path, log: Log) -
 
 def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], listing_rejects: list,
             plan: dict, out: Path, tracking_uri: str, started: float, phases: dict, log: Log) -> dict:
-    from alexnet import tracking
+    from alexnet.tracking import Runs
     from alexnet.visualize import image_to_png
 
     work = out / WORK_DIR
@@ -368,20 +274,17 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
 
     names = read_synset_names(layout.root)
     keep = layout.wnids[: cfg.classes] if cfg.classes else layout.wnids
-    outputs = {"classes.json": json.dumps({"classes": [{"index": i, "wnid": w, "name": names.get(w)}
-                                                       for i, w in enumerate(keep)]}, indent=1)}
     all_rejects = sorted(r for s in SPLITS for r in rejects_by_split[s])
-    outputs["rejects.csv"] = "path,reason\n" + "".join(
-        f"{_csv_field(p)},{_csv_field(r)}\n" for p, r in all_rejects)
+    outputs = {CLASSES: classes_text(list(keep), names), REJECTS: rejects_text(all_rejects)}
     for name, text in outputs.items():
-        _atomic_write(out / name, lambda p, text=text: p.write_text(text))
+        atomic_write(out / name, lambda p, text=text: p.write_text(text))
     artifacts = [out / n for n in outputs]
     if moments is not None:
         mean = moments.mean_image()
-        _atomic_write(out / "mean_image.npy", lambda p: _save_npy(p, mean))
-        _atomic_write(out / "pca.json", lambda p: p.write_text(json.dumps(moments.pca(), indent=1)))
-        _atomic_write(out / "mean_image.png", lambda p: image_to_png(np.rint(mean).astype(np.uint8), p))
-        artifacts += [out / "mean_image.npy", out / "pca.json", out / "mean_image.png"]
+        atomic_write(out / MEAN_IMAGE, lambda p: save_npy(p, mean))
+        atomic_write(out / PCA, lambda p: p.write_text(json.dumps(moments.pca(), indent=1)))
+        atomic_write(out / MEAN_IMAGE_PNG, lambda p: image_to_png(np.rint(mean).astype(np.uint8), p))
+        artifacts += [out / MEAN_IMAGE, out / PCA, out / MEAN_IMAGE_PNG]
 
     phases["statistics"] = time.perf_counter() - started - sum(phases.values())
     seconds = time.perf_counter() - started
@@ -401,31 +304,24 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
         "images_per_s": round(written / seconds, 2),
         "phase_seconds": phases,
     }
-    with tracking.start_run(tracking_uri, cfg.experiment, cfg.run_name, tags={"stage": "preprocess"}) as run:
-        tracking.log_params(cfg.to_dict())
-        import mlflow
-
-        metrics = {f"{k}/{s}": summary[k][s] for k in ("files_found", "rows_written", "rejects") for s in SPLITS}
-        mlflow.log_metrics(metrics | {"seconds": seconds, "images_per_s": summary["images_per_s"]})
-        tracking.log_artifacts(artifacts, artifact_path="preprocess")
-        mlflow.log_dict(summary, "preprocess/summary.json")
-        summary["mlflow_run_id"] = run.info.run_id
+    runs = Runs(tracking_uri)
+    run_id = runs.create(runs.experiment_id(cfg.experiment), cfg.run_name, tags={"stage": "preprocess"},
+                         params=cfg.to_dict())
+    metrics = {f"{k}/{s}": summary[k][s] for k in ("files_found", "rows_written", "rejects") for s in SPLITS}
+    runs.log_metrics(run_id, metrics | {"seconds": seconds, "images_per_s": summary["images_per_s"]})
+    runs.log_files(run_id, artifacts, artifact_path="preprocess")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / SUMMARY).write_text(json.dumps(summary, indent=1))
+        runs.log_artifacts(run_id, tmp, artifact_path="preprocess")
+    runs.finish(run_id)
+    summary["mlflow_run_id"] = run_id
     phases["mlflow"] = time.perf_counter() - started - sum(phases.values())
     summary["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
-    _atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+    atomic_write(out / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=1)))
     shutil.rmtree(work, ignore_errors=True)
     for r in all_rejects:
         log(f"  rejected {r[0]}: {r[1]}")
     return summary
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append .npy to a name
-        np.save(f, array)
-
-
-def _csv_field(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
 def format_summary(summary: dict) -> str:

@@ -6,7 +6,6 @@ products cannot round), saved next to the shard, and reduced once at the end in 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +79,3 @@ class PixelMoments:
             "eigenvectors": eigenvectors.tolist(),  # columns are the principal components
         }
 
-
-def read_pca(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(eigenvalues (3,), eigenvectors (3, 3) as columns) from a pca.json."""
-    data = json.loads(Path(path).read_text())
-    return np.asarray(data["eigenvalues"], np.float64), np.asarray(data["eigenvectors"], np.float64)

@@ -1,13 +1,22 @@
-"""MLflow: where runs go, a reachability check before any work, and logging from the driver."""
+"""MLflow, owned here: where runs go, a reachability check, and every read and write of runs.
+
+Everything goes through an `MlflowClient` bound to one tracking URI (`Runs`). MLflow's
+process-wide tracking URI is touched in one place only, `Runs.log_model` (its fluent API needs
+it), and put back afterwards; no active experiment is ever set.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import subprocess
+import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterator
 
 from alexnet.config import UsageError
 
@@ -15,8 +24,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the local SQLite store mlflow.db."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the local SQLite store mlflow.db; relative paths made absolute."""
+    return absolute_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
 
 
 def absolute_uri(uri: str) -> str:
@@ -51,24 +60,135 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def start_run(uri: str, experiment: str, run_name: str | None, tags: dict[str, str] | None = None):
-    """An active MLflow run (use as a context manager)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
-    commit = git_commit()
-    return mlflow.start_run(run_name=run_name, tags={**({"git_commit": commit} if commit else {}), **(tags or {})})
+def param_value(value: Any) -> str:
+    """How a config value is written as an MLflow param (lists as space-separated words)."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return "None" if value is None else str(value)
 
 
-def log_params(params: dict[str, Any]) -> None:
-    import mlflow
-
-    mlflow.log_params({k: ("None" if v is None else v) for k, v in params.items()})
+def _tag_filter(tags: dict[str, str]) -> str:
+    return " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
 
 
-def log_artifacts(paths: Iterable[Path], artifact_path: str | None = None) -> None:
-    import mlflow
+class Runs:
+    """The runs of one tracking store. Picklable (it travels to Ray Train's controller as a callback's field)."""
 
-    for path in paths:
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def __getstate__(self) -> dict:
+        return {"uri": self.uri}  # the client (a database engine) is made again where it lands
+
+    @functools.cached_property
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.uri)
+
+    def experiment_id(self, name: str) -> str:
+        """The experiment's id, created when it does not exist yet."""
+        experiment = self.client.get_experiment_by_name(name)
+        return experiment.experiment_id if experiment else self.client.create_experiment(name)
+
+    def existing_experiment_id(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            raise UsageError(f"MLflow experiment {name!r} not found in {self.uri}")
+        return experiment.experiment_id
+
+    def find(self, experiment_id: str, tags: dict[str, str]):
+        """The run carrying all of `tags`, or None."""
+        found = self.client.search_runs([experiment_id], filter_string=_tag_filter(tags), max_results=1)
+        return found[0] if found else None
+
+    def search(self, experiment_id: str, filter_string: str, order_by: list[str] | None = None) -> list:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.search_runs([experiment_id], filter_string=filter_string, order_by=order_by,
+                                           max_results=10_000)
+        except MlflowException as err:
+            raise UsageError(f"MLflow filter {filter_string!r}: {err.message}") from err
+
+    def get(self, run_id: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException as err:
+            raise UsageError(f"MLflow run {run_id} not found in {self.uri}") from err
+
+    def create(self, experiment_id: str, name: str | None, tags: dict[str, str] | None = None,
+               params: dict[str, Any] | None = None, parent_id: str | None = None) -> str:
+        """A new run (tagged with this checkout's git commit and its parent, if any); returns its id."""
+        tags = dict(tags or {})
+        if commit := git_commit():
+            tags.setdefault("git_commit", commit)
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        if params:
+            self.log_params(run_id, params)
+        return run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(run_id, params=[Param(k, param_value(v)) for k, v in params.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, run_id: str, folder: Path | str, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+
+    def log_files(self, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+        for path in paths:
+            self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+    def artifact_names(self, run_id: str, folder: str) -> set[str]:
+        return {Path(a.path).name for a in self.client.list_artifacts(run_id, folder)}
+
+    @contextlib.contextmanager
+    def downloaded(self, run_id: str, artifact: str) -> Iterator[Path]:
+        """A run's artifact as a local file, for the duration of the block."""
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Path(self.client.download_artifacts(run_id, artifact, tmp))
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) pairs, one per step (the last value logged wins), in step order."""
+        return sorted({m.step: m.value for m in self.client.get_metric_history(run_id, key)}.items())
+
+    def resume(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def log_model(self, run_id: str, model, example, output) -> str:
+        """A PyTorch model (any batch size) as the run's LoggedModel; returns its models:/ URI."""
+        import mlflow
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.uri)  # the fluent log_model knows no other way; put back below
+        try:
+            with mlflow.start_run(run_id=run_id):
+                # stated requirements: MLflow's inference of them imports the model in a subprocess
+                # (~10 s a run); the pt2 export needs torch only, not this package
+                info = mlflow.pytorch.log_model(model, name="model", input_example=example,
+                                                signature=infer_signature(example, output),
+                                                pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+        finally:
+            mlflow.set_tracking_uri(before)
+        return info.model_uri

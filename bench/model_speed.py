@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from alexnet.model import build_model
+from alexnet.model import ModelConfig, build_model
 
 
 def images_per_s(model, x, y, steps: int, amp: bool) -> float:
@@ -61,14 +61,15 @@ def main() -> None:
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt)
     y = torch.randint(0, 1000, (args.batch_size,))
+    paper = ModelConfig(arch="paper", image_size=args.image_size)
     models = {
-        "paper (1 device)": build_model("paper", image_size=args.image_size, devices=[device]),
-        "paper (2-device placement)": build_model("paper", image_size=args.image_size, devices=[device, device]),
+        "paper (1 device)": build_model(paper, 1000, [device]),
+        "paper (2-device placement)": build_model(paper, 1000, [device, device]),
         "torchvision alexnet": torchvision.models.alexnet().to(device),
     }
     if args.compile:
         models["paper (1 device), compiled"] = torch.compile(
-            build_model("paper", image_size=args.image_size, devices=[device]).to(memory_format=fmt))
+            build_model(paper, 1000, [device]).to(memory_format=fmt))
         models["torchvision alexnet, compiled"] = torch.compile(torchvision.models.alexnet().to(device))
     results = {}
     for name, model in models.items():

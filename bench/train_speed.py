@@ -32,7 +32,7 @@ def our_input(prepared, crop: int, epochs: int, normalize: bool = True) -> float
     """
     from alexnet.augment import Normalizer
     from alexnet.config import TrainConfig
-    from alexnet.train import build_datasets
+    from alexnet.datasets import build_datasets
 
     cfg = TrainConfig(data=prepared.path, image_size=crop)
     ds = build_datasets(cfg, prepared)["train"]
@@ -101,13 +101,13 @@ def plain_loop(prepared, width: float, crop: int, epochs: int, batch: int) -> fl
     from alexnet.config import TrainConfig
     from alexnet.model import build_model
     from alexnet.optim import build_optimizer
-    from alexnet.train import train_epoch
+    from alexnet.loop import train_epoch
 
     cfg = TrainConfig(data=prepared.path, width=width, image_size=crop, init="pytorch", batch_size=batch)
     loader = torch.utils.data.DataLoader(_Rows(prepared, crop), batch_size=batch, shuffle=True, drop_last=True,
                                          num_workers=2, persistent_workers=True)
     torch.manual_seed(0)
-    model = build_model(num_classes=prepared.num_classes, **cfg.model_options())
+    model = build_model(cfg, prepared.num_classes)
     opt = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     normalizer = Normalizer(prepared.mean_image, torch.device("cpu"))
     rates = []
@@ -122,7 +122,7 @@ def compute_ceiling(prepared, width: float, crop: int, steps: int, batch: int) -
     import pyarrow.parquet as pq
 
     from alexnet.augment import decode_images
-    from alexnet.model import build_model
+    from alexnet.model import ModelConfig, build_model
     from alexnet.optim import build_optimizer
 
     table = pq.read_table(prepared.train_files, columns=["image", "label"])
@@ -130,7 +130,7 @@ def compute_ceiling(prepared, width: float, crop: int, steps: int, batch: int) -
     labels = torch.tensor(table["label"].to_pylist()[:batch * 8])
     mean = torch.from_numpy(prepared.mean_image).permute(2, 0, 1)
     torch.manual_seed(0)
-    model = build_model(num_classes=prepared.num_classes, width=width, image_size=crop, init="pytorch")
+    model = build_model(ModelConfig(width=width, image_size=crop, init="pytorch"), prepared.num_classes)
     opt = build_optimizer("paper", model.parameters(), 0.01, 0.9, 5e-4)
     size = images.shape[-1]
     times = []
@@ -180,7 +180,7 @@ def main() -> None:
     import ray
 
     from alexnet.cluster import job_runtime_env
-    from alexnet.train import read_prepared
+    from alexnet.prepared import read_prepared
 
     work = args.workdir.resolve()
 

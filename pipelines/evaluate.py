@@ -14,7 +14,7 @@ from alexnet.config import EvalConfig, UsageError
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = EvalConfig.parse_args(argv, description=__doc__.splitlines()[0])
-    from alexnet.ensemble import run_evaluation
+    from alexnet.evaluate import run_evaluation
 
     try:
         summary = run_evaluation(cfg)

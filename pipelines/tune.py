@@ -18,7 +18,7 @@ FAILED_BASE = 64
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = SweepConfig.parse_args(argv, description=__doc__.splitlines()[0])
-    from alexnet.sweep import run_sweep
+    from tuning.sweep import run_sweep
 
     try:
         summary = run_sweep(cfg)

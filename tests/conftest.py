@@ -23,6 +23,10 @@ def pytest_collection_modifyitems(config, items):
     except ImportError:
         has_gpu = False
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    unmarked = [item.nodeid for item in items if "ray_cluster" in item.fixturenames and "integration" not in item.keywords]
+    if unmarked:  # `make test-fast` must never start Ray
+        raise pytest.UsageError("tests using the shared Ray instance must carry the integration marker: "
+                                + ", ".join(unmarked))
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip)
@@ -43,9 +47,15 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str:
+    """The session's SQLite store, also as $MLFLOW_TRACKING_URI (put back as it was when the session ends)."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    return uri
+    yield uri
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture(scope="session")

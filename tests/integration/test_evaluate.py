@@ -14,11 +14,15 @@ from mlflow import MlflowClient
 
 from alexnet.augment import Normalizer, decode_images, eval_views
 from alexnet.config import PreprocessConfig
-from alexnet.ensemble import table_arrays, topk_errors, val_fingerprint
-from alexnet.train import read_prepared, read_state
+from alexnet.checkpoints import checkpoint_of_run, model_from_state, read_state
+from alexnet.ensemble import topk_errors
+from alexnet.inference import table_arrays
+from alexnet.prepared import read_prepared
 from pipelines import evaluate as eval_cli
 from pipelines import train as train_cli
 from tests.conftest import SMALL_TRAIN_ARGS
+
+pytestmark = pytest.mark.integration  # the shared Ray instance, MLflow servers, subprocess entry points
 
 EXPERIMENT = "members-test"
 
@@ -67,7 +71,7 @@ def test_ensembles_equal_numpy_averaging_of_the_stored_outputs(members, learnabl
 
     # an independent numpy averaging of the stored per-member outputs gives the logged numbers
     prepared = read_prepared(learnable)
-    folder = f"eval/{val_fingerprint(prepared)}"
+    folder = f"eval/{prepared.val_fingerprint()}"
     for mode in ("center", "10crop"):
         stored = {r: _stored(mlflow_uri, r, folder, mode, tmp_path / mode / r) for r in members}
         paths, labels, _ = stored[members[0]]
@@ -100,8 +104,6 @@ def test_ensembles_equal_numpy_averaging_of_the_stored_outputs(members, learnabl
 
 
 def _fc7_and_probs(run_id: str, prepared, images: np.ndarray):
-    from alexnet.train import checkpoint_of_run, model_from_state
-
     state = read_state(checkpoint_of_run(os.environ["MLFLOW_TRACKING_URI"], run_id))  # the session's store
     model = model_from_state(state, prepared.num_classes)
     crop = model.cfg.image_size
@@ -148,7 +150,7 @@ def test_a_second_evaluation_reuses_the_stored_outputs(members, learnable, mlflo
     assert eval_cli.main([*first, "--run-name", "reuse-1"]) == 0
     capsys.readouterr()
     prepared = read_prepared(learnable)
-    folder = f"eval/{val_fingerprint(prepared)}"
+    folder = f"eval/{prepared.val_fingerprint()}"
     client = MlflowClient(mlflow_uri)
     before = {r: [(a.path, a.file_size) for a in client.list_artifacts(r, folder)] for r in members}
     assert eval_cli.main([*first, "--run-name", "reuse-2"]) == 0
@@ -200,8 +202,6 @@ def three_classes(learnable, ray_cluster, mlflow_uri) -> Path:
 
 def test_fine_tuning_from_a_member_with_a_new_class_count(members, three_classes, learnable, small_args, mlflow_uri,
                                                           tmp_path, capsys):
-    from alexnet.train import checkpoint_of_run
-
     source = read_state(checkpoint_of_run(mlflow_uri, members[0]))
     # the weights must fit: a sixth conv layer the member does not have is refused before training
     common = ["--data", str(three_classes), "--init-from", members[0], "--storage-path", str(tmp_path), *small_args]

@@ -24,6 +24,8 @@ from mlflow import MlflowClient
 
 from pipelines import train as train_cli
 
+pytestmark = pytest.mark.integration  # the shared Ray instance, MLflow servers, subprocess entry points
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 

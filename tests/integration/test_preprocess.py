@@ -22,6 +22,8 @@ from alexnet.preprocess import run_preprocess
 from alexnet.sample import SampleConfig, make_sample
 from pipelines import preprocess as cli
 
+pytestmark = pytest.mark.integration  # the shared Ray instance, MLflow servers, subprocess entry points
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -15,6 +15,8 @@ from mlflow import MlflowClient
 
 from pipelines import train as cli
 
+pytestmark = pytest.mark.integration  # the shared Ray instance, MLflow servers, subprocess entry points
+
 
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
@@ -54,7 +56,8 @@ def test_two_cpu_workers_learn_and_log_everything(learnable, small_args, mlflow_
     # the logged model takes any batch size
     import mlflow.pytorch
 
-    (logged,) = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    (logged,) = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                            filter_string=f"source_run_id = '{run_id}'")
     model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
     for n in (1, 3, 5):
         assert tuple(model(torch.zeros(n, 3, 64, 64)).shape) == (n, 4)

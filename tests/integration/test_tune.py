@@ -17,6 +17,8 @@ from mlflow import MlflowClient
 from pipelines import tune as cli
 from tuning.space import contains
 
+pytestmark = pytest.mark.integration  # the shared Ray instance, MLflow servers, subprocess entry points
+
 REPO = Path(__file__).resolve().parents[2]
 
 

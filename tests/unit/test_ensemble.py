@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.config import EvalConfig, TrainConfig, UsageError
-from alexnet.ensemble import (PAPER_TABLE2, Member, choose_members, ensemble_rows, html_table, markdown_table,
-                              output_table, table_arrays, topk_errors)
-from alexnet.model import build_model
-from alexnet.train import load_initial_weights
+from alexnet.checkpoints import load_initial_weights
+from alexnet.config import TrainConfig, UsageError
+from alexnet.ensemble import choose_members, ensemble_rows, topk_errors
+from alexnet.inference import output_table, table_arrays
+from alexnet.members import Member
+from alexnet.model import ModelConfig, build_model
+from alexnet.table2 import PAPER_TABLE2, html_table, markdown_table
 
 
 def _probs(rng, n, c):
@@ -71,38 +73,30 @@ def test_markdown_table_sits_next_to_the_papers_numbers():
     assert "| 1 CNN | 10crop | 40.00 ± 1.00 (best 39.00)" in md
     assert f"| {PAPER_TABLE2[5][0]} | {PAPER_TABLE2[5][1]:.1f} | {PAPER_TABLE2[5][2]:.1f} |" in md
     assert "m0, m1, m2, m3, m4" in md
-    assert "<td>40.00 ± 1.00 (best 39.00)</td>" in html_table(md)
+    assert "<td>40.00 ± 1.00 (best 39.00)</td>" in html_table(rows, members)
     starred = [Member(f"r{i}", f"m{i}", "/c", cfg, 4, True) for i in range(5)]
     assert "| 1 CNN* |" in markdown_table(rows, starred) and "| 39.0 | 16.6 |" in markdown_table(rows, starred)
 
 
-def test_eval_config_refuses_ambiguous_or_empty_member_lists():
-    for values, message in [({}, "exactly one"), ({"runs": ["a"], "experiment": "e"}, "exactly one"),
-                            ({"runs": ["a"], "filter": "x"}, "--filter"), ({"runs": ["a"], "sizes": [0]}, "--sizes")]:
-        with pytest.raises(UsageError, match=message):
-            EvalConfig.from_dict({"data": "d"} | values)
-    assert EvalConfig.parse_args(["--data", "d", "--runs", "a", "b", "--sizes", "1", "2"]).sizes == (1, 2)
-
-
 def test_initial_weights_replace_only_the_output_layer_when_the_class_count_differs():
     torch.manual_seed(0)
-    source = build_model("paper", num_classes=10, width=0.25, image_size=67)
+    source = build_model(ModelConfig(arch="paper", width=0.25, image_size=67), 10)
     state = {"model": source.state_dict(), "config": TrainConfig(data="x", width=0.25, image_size=67).to_dict()}
-    target = build_model("paper", num_classes=3, width=0.25, image_size=67)
+    target = build_model(ModelConfig(arch="paper", width=0.25, image_size=67), 3)
     fresh_fc8 = target.fc8.weight.detach().clone()
     assert sorted(load_initial_weights(target, state)) == ["fc8.bias", "fc8.weight"]
     assert torch.equal(target.towers[0].conv1.weight, source.towers[0].conv1.weight)
     assert torch.equal(target.towers[1].fc7.weight, source.towers[1].fc7.weight)
     assert torch.equal(target.fc8.weight, fresh_fc8)
-    same = build_model("paper", num_classes=10, width=0.25, image_size=67)
+    same = build_model(ModelConfig(arch="paper", width=0.25, image_size=67), 10)
     assert load_initial_weights(same, state) == [] and torch.equal(same.fc8.weight, source.fc8.weight)
 
 
 @pytest.mark.parametrize("other, named", [(dict(width=0.5), "width=0.25"), (dict(extra_conv=True), "conv6"),
                                           (dict(arch="owt"), "arch=paper")])
 def test_initial_weights_that_do_not_fit_are_refused_with_the_reason(other, named):
-    source = build_model("paper", num_classes=10, width=0.25, image_size=67)
+    source = build_model(ModelConfig(arch="paper", width=0.25, image_size=67), 10)
     state = {"model": source.state_dict(), "config": TrainConfig(data="x", width=0.25, image_size=67).to_dict()}
     options = dict(arch="paper", width=0.25, image_size=67) | other
     with pytest.raises(UsageError, match=named):
-        load_initial_weights(build_model(num_classes=10, **options), state)
+        load_initial_weights(build_model(ModelConfig(**options), 10), state)

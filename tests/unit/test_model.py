@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from alexnet.model import MIN_IMAGE_SIZE, build_model, describe, output_layer
+from alexnet.model import MIN_IMAGE_SIZE, ModelConfig, build_model, describe, output_layer
 from alexnet.visualize import kernel_grid
 
 
@@ -53,15 +53,15 @@ def _copy_into_reference(net, ref):
 
 
 def test_parameter_counts_match_the_paper_and_torchvision():
-    assert build_model("paper").num_parameters == 60_965_224
-    owt = build_model("owt")
+    assert build_model(ModelConfig(arch="paper")).num_parameters == 60_965_224
+    owt = build_model(ModelConfig(arch="owt"))
     assert owt.num_parameters == 61_100_840 == sum(p.numel() for p in torchvision.models.alexnet().parameters())
 
 
 @pytest.mark.parametrize("train_mode", [True, False])
 def test_two_towers_equal_grouped_reference_outputs_and_gradients(train_mode):
     torch.manual_seed(0)
-    net = build_model("paper", num_classes=7, width=0.25, image_size=99, dropout=0.0, init="pytorch").double()
+    net = build_model(ModelConfig(arch="paper", width=0.25, image_size=99, dropout=0.0, init="pytorch"), 7).double()
     ref = GroupedReference(0.25, 7, 99).double()
     _copy_into_reference(net, ref)
     net.train(train_mode), ref.train(train_mode)
@@ -81,8 +81,8 @@ def test_two_towers_equal_grouped_reference_outputs_and_gradients(train_mode):
 
 def test_two_cpu_devices_equal_one_exactly():
     torch.manual_seed(1)
-    one = build_model("paper", num_classes=5, width=0.25, image_size=67, devices=["cpu"])
-    two = build_model("paper", num_classes=5, width=0.25, image_size=67, devices=[torch.device("cpu")] * 2)
+    one = build_model(ModelConfig(arch="paper", width=0.25, image_size=67), 5, ["cpu"])
+    two = build_model(ModelConfig(arch="paper", width=0.25, image_size=67), 5, [torch.device("cpu")] * 2)
     two.load_state_dict(one.state_dict())
     x = torch.randn(4, 3, 67, 67)
     one.eval(), two.eval()
@@ -94,8 +94,8 @@ def test_towers_on_gpus_agree_with_cpu():
     torch.manual_seed(2)
     n = torch.cuda.device_count()
     devices = [torch.device("cuda", 0), torch.device("cuda", min(1, n - 1))]
-    cpu = build_model("paper", num_classes=10, width=0.5, image_size=127).eval()
-    gpu = build_model("paper", num_classes=10, width=0.5, image_size=127, devices=devices).eval()
+    cpu = build_model(ModelConfig(arch="paper", width=0.5, image_size=127), 10).eval()
+    gpu = build_model(ModelConfig(arch="paper", width=0.5, image_size=127), 10, devices).eval()
     gpu.load_state_dict(cpu.state_dict())
     assert {p.device for p in gpu.towers[1].parameters()} == {devices[1]}
     x = torch.randn(8, 3, 127, 127)
@@ -106,7 +106,7 @@ def test_towers_on_gpus_agree_with_cpu():
 def test_owt_loads_torchvision_weights_unchanged_and_gives_its_outputs():
     torch.manual_seed(3)
     tv = torchvision.models.alexnet().eval()
-    ours = build_model("owt", init="pytorch").eval()
+    ours = build_model(ModelConfig(arch="owt", init="pytorch")).eval()
     ours.load_state_dict(tv.state_dict())          # strict: same keys and shapes
     tv.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 224, 224)
@@ -115,7 +115,7 @@ def test_owt_loads_torchvision_weights_unchanged_and_gives_its_outputs():
 
 
 def test_spatial_sizes_and_too_small_inputs():
-    net = build_model("paper", num_classes=10, width=0.25).eval()
+    net = build_model(ModelConfig(arch="paper", width=0.25), 10).eval()
     seen = {}
     hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: seen.update({n: o.shape[-1]}))
              for n, m in [("conv1", net.towers[0].conv1), ("conv2", net.towers[0].conv2),
@@ -127,29 +127,29 @@ def test_spatial_sizes_and_too_small_inputs():
     assert seen == {"conv1": 55, "conv2": 27, "conv3": 13}
     assert "pool5 64x6x6" in describe(net) and "60,965,224" not in describe(net)
     with pytest.raises(ValueError, match=f"at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}"):
-        build_model("paper", image_size=MIN_IMAGE_SIZE - 1)
+        build_model(ModelConfig(arch="paper", image_size=MIN_IMAGE_SIZE - 1))
     with pytest.raises(ValueError, match="at least 63"):
-        build_model("owt", width=0.25)(torch.zeros(1, 3, 40, 40))
+        build_model(ModelConfig(arch="owt", width=0.25))(torch.zeros(1, 3, 40, 40))
     with pytest.raises(ValueError, match="built for 224x224"):
         net(torch.zeros(1, 3, 200, 200))
-    assert build_model("paper", num_classes=3, width=0.25, image_size=63)(torch.zeros(2, 3, 63, 63)).shape == (2, 3)
+    assert build_model(ModelConfig(arch="paper", width=0.25, image_size=63), 3)(torch.zeros(2, 3, 63, 63)).shape == (2, 3)
 
 
 def test_paper_init_and_pytorch_init():
     torch.manual_seed(4)
-    net = build_model("paper", num_classes=10, width=0.5, image_size=99)
+    net = build_model(ModelConfig(arch="paper", width=0.5, image_size=99), 10)
     for name, layer in net.modules_in_order():
         assert abs(layer.weight.std().item() - 0.01) < 0.002
         expected = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
         assert torch.all(layer.bias == expected)
-    caffe = build_model("owt", width=0.25, bias_value=0.1)
+    caffe = build_model(ModelConfig(arch="owt", width=0.25, bias_value=0.1))
     assert torch.all(caffe.features[3].bias == 0.1) and torch.all(caffe.features[0].bias == 0)
-    default = build_model("paper", num_classes=10, width=0.5, image_size=99, init="pytorch")
+    default = build_model(ModelConfig(arch="paper", width=0.5, image_size=99, init="pytorch"), 10)
     assert default.towers[0].conv1.weight.std().item() > 0.02  # kaiming-uniform, not N(0, 0.01)
 
 
 def test_first_layer_kernel_picture_has_one_row_per_tower():
-    net = build_model("paper")
+    net = build_model(ModelConfig(arch="paper"))
     picture = kernel_grid(net.first_layer_kernels(), scale=3, gap=1)
     assert picture.shape == (2 * 34 + 1, 48 * 34 + 1, 3) and picture.dtype == np.uint8
 
@@ -157,8 +157,8 @@ def test_first_layer_kernel_picture_has_one_row_per_tower():
 @pytest.mark.parametrize("arch", ["paper", "owt"])
 def test_extra_conv_adds_a_sixth_conv_over_pool5_and_fc7_features_feed_the_output(arch):
     torch.manual_seed(0)
-    plain = build_model(arch, num_classes=5, width=0.25, image_size=67)
-    extra = build_model(arch, num_classes=5, width=0.25, image_size=67, extra_conv=True)
+    plain = build_model(ModelConfig(arch=arch, width=0.25, image_size=67), 5)
+    extra = build_model(ModelConfig(arch=arch, width=0.25, image_size=67, extra_conv=True), 5)
     names = [n for n, _ in extra.modules_in_order()]
     assert "conv6" in names and "conv6" not in [n for n, _ in plain.modules_in_order()]
     assert names.index("conv6") == names.index("fc6") - (2 if arch == "paper" else 1)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from alexnet.config import SweepConfig, UsageError
-from alexnet.sweep import command_line
+from alexnet.config import UsageError
 from tuning.space import PAPER_GRID, PAPER_SPACE, contains, load_space, to_tune, validate_space
 
 
@@ -41,9 +40,3 @@ def test_bad_spaces_are_refused(space, message):
     with pytest.raises(UsageError, match=message):
         validate_space(space)
 
-
-def test_resume_needs_a_name_and_the_retrain_command_lists_what_differs():
-    with pytest.raises(UsageError, match="--sweep-name"):
-        SweepConfig.from_dict({"data": "d", "resume": True})
-    cfg = SweepConfig.from_dict({"data": "d", "lr": 0.02, "width": 0.25, "pca_lighting": False}).train_config()
-    assert command_line(cfg) == "python pipelines/train.py --data d --lr 0.02 --width 0.25 --no-pca-lighting"

@@ -10,7 +10,7 @@ from alexnet.augment import Normalizer
 from alexnet.config import TrainConfig
 from alexnet.model import build_model
 from alexnet.optim import build_optimizer
-from alexnet.train import evaluate, train_epoch
+from alexnet.loop import evaluate, train_epoch
 
 SIZE, CROP, CLASSES = 72, 64, 3
 
@@ -36,7 +36,7 @@ def _run(devices, amp=False, channels_last=False, compile=False):
     cfg = TrainConfig(data="unused", width=0.25, image_size=CROP, init="pytorch", amp=amp, channels_last=channels_last,
                       lr=0.005, dropout=0.0)
     torch.manual_seed(0)
-    model = build_model(num_classes=CLASSES, devices=devices, **cfg.model_options())
+    model = build_model(cfg, CLASSES, devices)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer("paper", model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)

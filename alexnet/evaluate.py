@@ -1,0 +1,86 @@
+"""Ensembles of trained members on the validation set: the paper's Table 2 and Figure 4, in MLflow.
+
+1. Members are finished `pipelines/train.py` runs (`alexnet.members`).
+2. Each member's softmax over the validation set is computed once and stored with its run (`alexnet.inference`).
+3. Ensembles average their members' softmax outputs (`alexnet.ensemble`).
+4. MLflow: a summary run in the `ensembles` experiment (Markdown/HTML table next to Table 2, bar
+   chart, Figure 4) with one nested run per (size, crops).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from alexnet.config import EvalConfig, Log, UsageError
+
+
+def run_evaluation(cfg: EvalConfig, log: Log = print) -> dict:
+    """Members -> stored per-member outputs -> ensembles -> MLflow runs; raises UsageError before any inference."""
+    from alexnet.cluster import connect_ray
+    from alexnet.ensemble import ensemble_rows, topk_errors
+    from alexnet.inference import member_outputs, table_arrays
+    from alexnet.members import find_members
+    from alexnet.neighbours import figure4
+    from alexnet.prepared import classes_digest, read_prepared
+    from alexnet.table2 import bar_chart_png, html_table, markdown_table
+    from alexnet.tracking import Runs, check_tracking_uri, resolve_tracking_uri
+
+    prepared = read_prepared(cfg.data)
+    if not prepared.val_files or not prepared.val_rows:
+        raise UsageError(f"{prepared.path} has no validation images to evaluate on")
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    check_tracking_uri(uri)
+    runs = Runs(uri)
+    members = find_members(cfg, runs, prepared)
+    log(f"{len(members)} member(s): " + ", ".join(f"{m.name} ({m.run_id[:8]})" for m in members))
+    connect_ray(cfg.address, min_cpus=2)
+
+    outputs = member_outputs(members, prepared, cfg, runs, log)
+    first = next(iter(outputs.values()))
+    _, labels, _ = table_arrays(next(iter(first.values())))
+    probs = {run_id: {mode: table_arrays(t)[2] for mode, t in tables.items()} for run_id, tables in outputs.items()}
+    rows = ensemble_rows(probs, labels, cfg.sizes, cfg.modes, cfg.seed)
+    table = markdown_table(rows, members)
+
+    exp_id = runs.experiment_id(cfg.ensemble_experiment)
+    name = cfg.run_name or time.strftime("ensembles-%Y%m%d-%H%M%S")
+    common = {"data.path": str(prepared.path), "data.val_fingerprint": prepared.val_fingerprint(),
+              "data.classes": classes_digest(prepared.wnids), "seed": str(cfg.seed)}
+    by_id = {m.run_id: m for m in members}
+    parent_id = runs.create(exp_id, name, tags=common | {"stage": "evaluate", "members": ",".join(by_id)},
+                            params={k: v for k, v in cfg.to_dict().items() if v not in (None, [])})
+    try:
+        runs.log_metrics(parent_id, {"members": len(members), "val/images": len(labels)})
+        for r in rows:
+            tags = common | {"ensemble_size": str(r["size"]), "crops": r["crops"], "members": ",".join(r["members"]),
+                             "member_names": ",".join(by_id[i].name for i in r["members"]),
+                             "selection": r["selection"]}
+            r["mlflow_run_id"] = runs.create(exp_id, f"{r['size']}cnn-{r['crops']}", tags=tags, parent_id=parent_id)
+            metrics = {"val/top1_err": r["top1"], "val/top5_err": r["top5"]}
+            metrics |= {f"val/{k}_err_{s}": r[f"{k}_{s}"] for k in ("top1", "top5") for s in ("std", "best")
+                        if f"{k}_{s}" in r}
+            runs.log_metrics(r["mlflow_run_id"], metrics)
+            runs.finish(r["mlflow_run_id"])
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            (tmp / "ensembles.md").write_text(table + "\n")
+            (tmp / "ensembles.html").write_text(html_table(rows, members))
+            (tmp / "ensembles.json").write_text(json.dumps(rows, indent=1))
+            bar_chart_png(rows, tmp / "ensembles.png")
+            neighbours = None
+            if cfg.figure4:
+                best = min(members, key=lambda m: topk_errors(probs[m.run_id][cfg.modes[0]], labels)[0])
+                log(f"Figure 4: nearest training images in fc7 of {best.name}")
+                neighbours = figure4(best, prepared, cfg, tmp / "figure4_neighbours.png")
+                (tmp / "figure4_neighbours.json").write_text(json.dumps(neighbours, indent=1))
+                runs.set_tags(parent_id, {"figure4_member": best.run_id})
+            runs.log_artifacts(parent_id, tmp, artifact_path="evaluate")
+    except BaseException:
+        runs.finish(parent_id, "FAILED")
+        raise
+    runs.finish(parent_id)
+    return {"mlflow_run_id": parent_id, "rows": rows, "table": table, "members": [m.run_id for m in members],
+            "figure4": neighbours}

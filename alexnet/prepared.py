@@ -1,0 +1,139 @@
+"""The preprocessing output: its file names and formats, written by `alexnet.preprocess`, read by everything else.
+
+    OUT/train/part-NNNNN.parquet, OUT/val/part-NNNNN.parquet   shards (SHARD_SCHEMA)
+    OUT/summary.json        written last: the output is finished once it exists
+    OUT/classes.json        the class index (sorted train wnids) with names
+    OUT/mean_image.npy      (S, S, 3) float32 RGB mean on the 0-255 scale (+ mean_image.png)
+    OUT/pca.json            PCA of RGB pixel values scaled to [0, 1]
+    OUT/rejects.csv         path,reason of every file not written
+    OUT/_work/              per-shard results of an unfinished job; removed when it finishes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from alexnet.config import UsageError
+
+SPLITS = ("train", "val")
+SUMMARY = "summary.json"
+CLASSES = "classes.json"
+MEAN_IMAGE = "mean_image.npy"
+MEAN_IMAGE_PNG = "mean_image.png"
+PCA = "pca.json"
+REJECTS = "rejects.csv"
+WORK_DIR = "_work"
+ROW_GROUP_BYTES = 16 << 20      # bounds a task's memory; far below Parquet's 2 GiB limit
+SHARD_SCHEMA = pa.schema([
+    ("image", pa.binary()),     # JPEG bytes, size x size RGB
+    ("label", pa.int32()),      # index into the sorted train wnids
+    ("wnid", pa.string()),
+    ("path", pa.string()),      # relative to the input root
+])
+
+
+def shard_name(split: str, shard: int) -> str:
+    return f"{split}/part-{shard:05d}.parquet"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` to a temporary name beside `path`, then rename: readers see the whole file or none."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to a name
+        np.save(f, array)
+
+
+def classes_text(wnids: list[str], names: dict[str, str]) -> str:
+    return json.dumps({"classes": [{"index": i, "wnid": w, "name": names.get(w)} for i, w in enumerate(wnids)]},
+                      indent=1)
+
+
+def rejects_text(rejects: list[tuple[str, str]]) -> str:
+    return "path,reason\n" + "".join(f"{_csv_field(p)},{_csv_field(r)}\n" for p, r in sorted(rejects))
+
+
+def _csv_field(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+def classes_digest(wnids: list[str]) -> str:
+    """A short fingerprint of a class list (order matters: it is the label index)."""
+    return hashlib.sha1("\n".join(wnids).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What training and evaluation need from `pipelines/preprocess.py --output OUT`."""
+
+    path: Path
+    size: int
+    wnids: list[str]
+    mean_image: np.ndarray          # (S, S, 3) float32, 0-255
+    eigenvalues: np.ndarray         # (3,), pixels on [0, 1]
+    eigenvectors: np.ndarray        # (3, 3), columns
+    train_files: list[str]
+    val_files: list[str]
+    summary: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.wnids)
+
+    @property
+    def val_rows(self) -> int:
+        return int(self.summary["rows_written"].get("val", 0))
+
+    def val_fingerprint(self) -> str:
+        """Names the validation set a stored output belongs to (shard names and sizes, preprocessing run)."""
+        h = hashlib.sha1(str(self.summary.get("mlflow_run_id")).encode())
+        for f in sorted(self.val_files):
+            h.update(f"{Path(f).name}:{Path(f).stat().st_size}".encode())
+        return h.hexdigest()[:12]
+
+
+def read_prepared(path: Path) -> Prepared:
+    """UsageError with the reason when `path` is not a finished preprocessing output with statistics."""
+    path = Path(path).resolve()
+    if not path.is_dir():
+        raise UsageError(f"--data {path} does not exist")
+    if not (path / SUMMARY).is_file():
+        if (path / WORK_DIR).is_dir():
+            raise UsageError(f"--data {path} is an unfinished preprocessing output: rerun pipelines/preprocess.py "
+                             "with the same arguments to complete it")
+        raise UsageError(f"--data {path} is not a preprocessing output (no {SUMMARY})")
+    summary = json.loads((path / SUMMARY).read_text())
+    for name in (MEAN_IMAGE, PCA, CLASSES):
+        if not (path / name).is_file():
+            raise UsageError(f"--data {path} lacks {name}: preprocess without --no-stats")
+    pca = json.loads((path / PCA).read_text())
+    train_files = sorted(str(p) for p in (path / "train").glob("*.parquet"))
+    if not train_files:
+        raise UsageError(f"--data {path} holds no training shards")
+    return Prepared(
+        path=path, size=int(summary["config"]["size"]),
+        wnids=[c["wnid"] for c in json.loads((path / CLASSES).read_text())["classes"]],
+        mean_image=np.load(path / MEAN_IMAGE).astype(np.float32),
+        eigenvalues=np.asarray(pca["eigenvalues"], np.float64),
+        eigenvectors=np.asarray(pca["eigenvectors"], np.float64),
+        train_files=train_files,
+        val_files=sorted(str(p) for p in (path / "val").glob("*.parquet")
+                         if summary["rows_written"].get("val", 0) > 0),
+        summary=summary,
+    )

@@ -1,0 +1,144 @@
+"""Ray Tune sweeps over the training run: one TorchTrainer per trial, ASHA, MLflow parent + child runs.
+
+Logging happens on the driver only (a Tune callback, `tuning.logger`), so trials need no tracking access.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from alexnet.config import Log, SweepConfig, TrainConfig, UsageError
+from alexnet.model import ModelConfig
+from alexnet.prepared import Prepared
+from alexnet.train import build_trainer, per_worker_resources, preflight, run_config
+
+METRIC = "val/top1_err"
+
+
+def _trial(config: dict, base: TrainConfig, prepared: Prepared, sweep: str, storage: str) -> None:
+    """One Tune trial: a whole training run with the sampled values, its reports forwarded to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    name = f"{sweep}-{tune.get_context().get_trial_id()}"
+    cfg = base.with_overrides({**config, "run_name": name})
+    trainer = build_trainer(cfg, prepared, run_config(cfg, name, storage, [TuneReportCallback()]))
+    trainer.fit()
+
+
+# The trial itself only waits on its TorchTrainer: a token CPU share (Tune refuses an empty request).
+# It still counts: with 2 CPUs, 0.01 + one 1-CPU worker left 0.99 CPU and Ray Data's 1-CPU decoding
+# tasks never started (the demo's sweep hung), so every CPU budget below includes it.
+TRIAL_CPUS = 0.01
+
+
+def default_concurrency(cfg: TrainConfig) -> int:
+    """Trials the cluster runs at once: whole trials of num_workers workers, one CPU left for decoding."""
+    from alexnet.cluster import worker_capacity
+
+    import ray
+
+    by_workers = worker_capacity(per_worker_resources(cfg)) // cfg.num_workers
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    by_cpus = int(cpus // (cfg.num_workers * cfg.cpus_per_worker + 1 + TRIAL_CPUS)) if cfg.cpus_per_worker else by_workers
+    return max(1, min(by_workers, by_cpus))
+
+
+def command_line(cfg: TrainConfig) -> str:
+    """The pipelines/train.py command that retrains `cfg` (only the flags that differ from the defaults)."""
+    parts = ["python pipelines/train.py", f"--data {cfg.data}"]
+    model_options = {f.name for f in dataclasses.fields(ModelConfig)}
+    # in --help's order: the training flags, then the model's
+    for f in sorted(dataclasses.fields(TrainConfig), key=lambda f: f.name in model_options):
+        value = getattr(cfg, f.name)
+        if f.name in ("data", "run_name") or value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        parts.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value:g}"
+                     if isinstance(value, float) else f"{flag} {value}")
+    return " ".join(parts)
+
+
+def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
+    """The whole sweep; returns a summary with the table rows, the best trial and the failure count."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from alexnet.tracking import Runs
+    from tuning.logger import MlflowSweepLogger, open_parent_run
+    from tuning.space import load_space, to_tune
+
+    space = load_space(cfg.space, grid=cfg.search == "grid")
+    base = cfg.train_config()
+    prepared, uri, storage = preflight(base, driver_cpus=TRIAL_CPUS)
+    if not prepared.val_files:
+        raise UsageError(f"a sweep ranks trials by {METRIC}: {prepared.path} has no validation split")
+    name = cfg.sweep_name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    runs = Runs(uri)
+    exp_id, parent_id = open_parent_run(runs, cfg, name, storage, space)
+    concurrent = cfg.max_concurrent or default_concurrency(base)
+    log(f"sweep {name!r}: {cfg.num_samples} trial(s), up to {concurrent} at once, scheduler {cfg.scheduler}; "
+        f"MLflow parent run {parent_id}")
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, prepared=prepared, sweep=name, storage=storage), {"CPU": TRIAL_CPUS})
+    param_space = to_tune(space)
+    path = f"{storage}/{name}"
+    if cfg.resume:
+        if not tune.Tuner.can_restore(path):
+            raise UsageError(f"no Tune experiment at {path} to resume")
+        tuner = tune.Tuner.restore(path, trainable=trainable, param_space=param_space, resume_errored=True)
+    else:
+        scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=cfg.grace_period,
+                                   reduction_factor=2) if cfg.scheduler == "asha" else None)
+        logger = MlflowSweepLogger(runs, exp_id, parent_id, name, base.to_dict(), space, cfg.epochs)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler, num_samples=cfg.num_samples,
+                                        max_concurrent_trials=concurrent,
+                                        search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent)),
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[logger],
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        sampled = {k: result.config.get(k) for k in space}
+        rows.append({"trial": result.path.rstrip("/").split("/")[-1], "status": "failed" if result.error else "ok",
+                     "epochs": int(m.get("epoch", 0)), "best_val_top1_err": m.get("best_val_top1_err", math.inf),
+                     "val_top1_err": m.get(METRIC, math.inf), **sampled})
+    rows.sort(key=lambda r: r["best_val_top1_err"])
+    failed = sum(r["status"] == "failed" for r in rows)
+    ok = [r for r in rows if r["status"] == "ok" and math.isfinite(r["best_val_top1_err"])]
+    best = ok[0] if ok else None
+    best_cfg = base.with_overrides({k: best[k] for k in space} | {"run_name": None}) if best else None
+    table = format_table(rows, list(space))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "sweep_summary.md").write_text(table + "\n")
+        (Path(tmp) / "sweep_summary.json").write_text(json.dumps(rows, indent=1, default=str))
+        runs.log_artifacts(parent_id, tmp, artifact_path="tune")
+    if best:
+        runs.log_metrics(parent_id, {"best/val/top1_err": best["best_val_top1_err"]})
+        runs.set_tags(parent_id, {"best_config": json.dumps({k: best[k] for k in space}),
+                                  "best_command": command_line(best_cfg)})
+    runs.set_tags(parent_id, {"failed_trials": str(failed)})
+    runs.finish(parent_id, "FINISHED" if not failed else "FAILED")
+    return {"sweep_name": name, "parent_run_id": parent_id, "rows": rows, "table": table, "failed": failed,
+            "best": best, "best_command": command_line(best_cfg) if best_cfg else None}
+
+
+def format_table(rows: list[dict], keys: list[str]) -> str:
+    """Markdown table of the trials, best first."""
+    head = ["trial", "status", "epochs", "best val err", *keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        err = f"{100 * r['best_val_top1_err']:.1f}%" if math.isfinite(r["best_val_top1_err"]) else "-"
+        vals = [f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+        lines.append("| " + " | ".join([r["trial"], r["status"], str(r["epochs"]), err, *vals]) + " |")
+    return "\n".join(lines)
