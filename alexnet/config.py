@@ -165,7 +165,9 @@ def field(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) -
 
 # The flags every job shares, declared once.
 def address_field() -> Any:
-    return field(None, help="Ray cluster to join ('auto' or host:port); none starts a local one")
+    return field(None, help="Ray cluster: host:port (or ray://...) to join it, 'local' for a new local instance, "
+                             "'auto' for the running one; unset: $RAY_ADDRESS, else the cluster `ray start` runs on "
+                             "this node, else a new local instance")
 
 
 def tracking_uri_field() -> Any:

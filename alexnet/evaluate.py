@@ -36,7 +36,7 @@ def run_evaluation(cfg: EvalConfig, log: Log = print) -> dict:
     runs = Runs(uri)
     members = find_members(cfg, runs, prepared)
     log(f"{len(members)} member(s): " + ", ".join(f"{m.name} ({m.run_id[:8]})" for m in members))
-    connect_ray(cfg.address, min_cpus=2)
+    connect_ray(cfg.address, min_cpus=2, log=log)
 
     outputs = member_outputs(members, prepared, cfg, runs, log)
     first = next(iter(outputs.values()))

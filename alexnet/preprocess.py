@@ -183,7 +183,7 @@ def run_preprocess(cfg: PreprocessConfig, log: Log = print) -> dict:
 
     import ray
 
-    connect_ray(cfg.address)
+    connect_ray(cfg.address, log=log)
     phases = {"start": time.perf_counter() - started}
     files, listing_rejects = list_files(layout, cfg.classes, cfg.limit)
     phases["listing"] = time.perf_counter() - started - sum(phases.values())

@@ -34,7 +34,7 @@ def check_image_size(cfg: TrainConfig, prepared: Prepared) -> None:
                          f"{prepared.path}); crop at most {prepared.size} or preprocess with a larger --size")
 
 
-def preflight(cfg: TrainConfig, driver_cpus: float = 0.0) -> tuple[Prepared, str, str]:
+def preflight(cfg: TrainConfig, driver_cpus: float = 0.0, log: Log = print) -> tuple[Prepared, str, str]:
     """Every check that can fail before training starts (UsageError), then Ray: (data, tracking URI, storage).
 
     `driver_cpus`: what a Ray task driving the trainer holds (a Tune trial), besides the workers.
@@ -50,7 +50,7 @@ def preflight(cfg: TrainConfig, driver_cpus: float = 0.0) -> tuple[Prepared, str
     init_from = resolve_init_from(cfg)
     if init_from is not None:  # fails here, before Ray starts, when the weights do not fit
         load_initial_weights(build_model(cfg, prepared.num_classes), read_state(init_from))
-    connect_ray(cfg.address, min_cpus=cfg.num_workers * cfg.cpus_per_worker + 1 + driver_cpus)
+    connect_ray(cfg.address, min_cpus=cfg.num_workers * cfg.cpus_per_worker + 1 + driver_cpus, log=log)
     if cfg.check_resources:
         # one CPU beyond the workers: Ray Data's decoding tasks need somewhere to run
         check_resources(per_worker_resources(cfg), cfg.num_workers, spare_cpus=1.0 + driver_cpus)
@@ -100,7 +100,7 @@ def run_members(cfg: TrainConfig, log: Log = print) -> list[dict]:
     if cfg.seeds == 1:
         return [run_training(cfg, log)]
     group = cfg.run_name or time.strftime("ensemble-%Y%m%d-%H%M%S")
-    preflight(cfg)  # every member would fail alike: fail once, before the first one starts
+    preflight(cfg, log=log)  # every member would fail alike: fail once, before the first one starts
     summaries = []
     for i in range(cfg.seeds):
         seed = cfg.seed + i
@@ -118,7 +118,7 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
     from alexnet.reporting import TrainingReporter, log_final_artifacts, open_training_run
     from alexnet.tracking import Runs
 
-    prepared, uri, storage = preflight(cfg)
+    prepared, uri, storage = preflight(cfg, log=log)
     name = cfg.run_name or time.strftime("alexnet-%Y%m%d-%H%M%S")
     runs = Runs(uri)
     tags = dict(tags or {}) | ({"init_from_checkpoint": str(resolve_init_from(cfg))} if cfg.init_from else {})

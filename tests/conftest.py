@@ -40,7 +40,8 @@ def ray_cluster():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # 4 logical CPUs on 2 cores: two training workers plus Ray Data tasks must fit at once
     # the dashboard process is kept: Tune driving Train trials needs it to remove placement groups
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False, runtime_env=job_runtime_env())
+    # address='local': a new instance even where $RAY_ADDRESS or a `ray start` on this machine says otherwise
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, runtime_env=job_runtime_env())
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -76,7 +76,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
 
     space = load_space(cfg.space, grid=cfg.search == "grid")
     base = cfg.train_config()
-    prepared, uri, storage = preflight(base, driver_cpus=TRIAL_CPUS)
+    prepared, uri, storage = preflight(base, driver_cpus=TRIAL_CPUS, log=log)
     if not prepared.val_files:
         raise UsageError(f"a sweep ranks trials by {METRIC}: {prepared.path} has no validation split")
     name = cfg.sweep_name or time.strftime("sweep-%Y%m%d-%H%M%S")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -78,7 +79,12 @@ def two_node_cluster():
     """`ray start --head` plus `ray start --address` with their own ports and resources; both stopped after."""
     temp = tempfile.mkdtemp(prefix="r2n", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     gcs, dash, client, *node_ports = _free_ports(15)
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    # RAY_TMPDIR: this cluster's temp dir is Ray's default one for every process given this env, so
+    # a driver started with it finds the cluster as on a node where `ray start` runs; PATH: the
+    # job entrypoint's `python` is this environment's, as in the project's image
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=temp,
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
     common = ["--num-cpus", "1", "--block", "--disable-usage-stats"]
 
     def own_ports(p: list[int], worker_ports: str) -> list[str]:
@@ -90,7 +96,7 @@ def two_node_cluster():
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
          "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--ray-client-server-port", str(client), "--temp-dir", temp, *common,
+         "--ray-client-server-port", str(client), "--temp-dir", f"{temp}/ray", *common,
          *own_ports(node_ports[:6], "24000-24499")],
         env=env, start_new_session=True, stdout=open(f"{temp}/head.log", "w"), stderr=subprocess.STDOUT)
     procs = [head]
@@ -118,6 +124,23 @@ def _alive_nodes(dashboard: str) -> list[str]:
     return sorted(n["node_id"] for n in body["data"]["result"]["result"] if n["state"] == "ALIVE")
 
 
+# the host may be spelled as the node's IP (as `ray start` records it) or 127.0.0.1: the port names the cluster
+_JOINED = r"Ray: joined the cluster at [0-9.]+:{port}: 2 node\(s\), 2 CPU, 0 GPU"
+
+
+def _check_written_on_both_nodes(out: Path, made: dict, cluster: dict) -> None:
+    summary = json.loads((out / "summary.json").read_text())
+    # the shards were written by tasks on both nodes of this cluster, and by no other node
+    assert sorted(summary["shards_per_node"]) == cluster["nodes"]
+    assert sum(summary["shards_per_node"].values()) == sum(summary["shards"].values())
+    # the output is complete: every valid file became a row
+    for split in ("train", "val"):
+        broken = sum(1 for p in made["broken"] if p.startswith(f"{split}/"))
+        assert summary["rows_written"][split] == made[split] - broken
+    assert len(list((out / "train").glob("*.parquet"))) == summary["shards"]["train"]
+    assert (out / "mean_image.npy").is_file() and (out / "pca.json").is_file()
+
+
 def test_preprocess_with_address_runs_on_both_nodes(two_node_cluster, sample_tree, tmp_path):
     root, made = sample_tree
     out = tmp_path / "prepared"
@@ -127,17 +150,7 @@ def test_preprocess_with_address_runs_on_both_nodes(two_node_cluster, sample_tre
     done = subprocess.run(cmd, env=two_node_cluster["env"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 node(s)" in done.stdout
-
-    summary = json.loads((out / "summary.json").read_text())
-    # the shards were written by tasks on both nodes of this cluster, and by no other node
-    assert sorted(summary["shards_per_node"]) == two_node_cluster["nodes"]
-    assert sum(summary["shards_per_node"].values()) == sum(summary["shards"].values())
-    # the output is complete: every valid file became a row
-    for split in ("train", "val"):
-        broken = sum(1 for p in made["broken"] if p.startswith(f"{split}/"))
-        assert summary["rows_written"][split] == made[split] - broken
-    assert len(list((out / "train").glob("*.parquet"))) == summary["shards"]["train"]
-    assert (out / "mean_image.npy").is_file() and (out / "pca.json").is_file()
+    _check_written_on_both_nodes(out, made, two_node_cluster)
 
     # Ray's own record agrees: the cluster ran tasks on both nodes
     with urllib.request.urlopen(f"{two_node_cluster['dashboard']}/api/v0/tasks?limit=10000&detail=1",
@@ -145,6 +158,43 @@ def test_preprocess_with_address_runs_on_both_nodes(two_node_cluster, sample_tre
         tasks = json.load(resp)["data"]["result"]["result"]
     task_nodes = {t["node_id"] for t in tasks if t.get("state") == "FINISHED" and t.get("node_id")}
     assert task_nodes == set(two_node_cluster["nodes"])
+
+
+def test_a_driver_without_address_joins_the_cluster_ray_start_runs_on_its_node(two_node_cluster, sample_tree,
+                                                                               tmp_path):
+    root, made = sample_tree
+    out = tmp_path / "prepared"
+    cmd = [sys.executable, str(ROOT / "pipelines" / "preprocess.py"), "--input", str(root), "--output", str(out),
+           "--size", "48", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    done = subprocess.run(cmd, env=two_node_cluster["env"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(_JOINED.format(port=two_node_cluster["address"].split(":")[1]), done.stdout), done.stdout
+    _check_written_on_both_nodes(out, made, two_node_cluster)
+
+
+def test_the_preprocessing_rayjob_entrypoint_as_written_runs_through_job_submission(two_node_cluster, sample_tree,
+                                                                                    tmp_path):
+    """What KubeRay does with infra/kuberay/rayjob-preprocess.yaml: the entrypoint, verbatim but for its
+    paths, submitted to the cluster's Jobs API (which sets RAY_ADDRESS for the driver)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    import yaml
+
+    root, made = sample_tree
+    out = tmp_path / "prepared"
+    (job,) = [d for d in yaml.safe_load_all((ROOT / "infra/kuberay/rayjob-preprocess.yaml").read_text()) if d]
+    entrypoint = job["spec"]["entrypoint"]
+    for old, new in (("/opt/alexnet-ray", str(ROOT)), ("/mnt/shared/imagenet", str(root)),
+                     ("/mnt/shared/prepared", str(out)), ("http://mlflow:5000", f"sqlite:///{tmp_path / 'mlflow.db'}")):
+        assert old in entrypoint
+        entrypoint = entrypoint.replace(old, new)
+    client = JobSubmissionClient(two_node_cluster["dashboard"])
+    job_id = client.submit_job(entrypoint=entrypoint)
+    status = _wait_for(lambda: (st := client.get_job_status(job_id)).is_terminal() and st, "the job", timeout_s=600)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert re.search(_JOINED.format(port=two_node_cluster["address"].split(":")[1]), logs), logs[-3000:]
+    _check_written_on_both_nodes(out, made, two_node_cluster)
 
 
 # ------------------------------------------------------------- a real MLflow tracking server
