@@ -17,8 +17,6 @@ import pytest
 from PIL import Image
 
 from alexnet.augment import decode_images
-from alexnet.config import PreprocessConfig
-from alexnet.preprocess import run_preprocess
 from alexnet.sample import SampleConfig, make_sample
 from pipelines import preprocess as cli
 

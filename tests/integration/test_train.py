@@ -6,7 +6,6 @@ import math
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
