@@ -124,11 +124,11 @@ def check_resources(per_worker: dict[str, float], num_workers: int, spare_cpus: 
     """
     nodes = _alive_nodes()
     need = {k: v for k, v in per_worker.items() if v > 0}
-    for key, amount in need.items():
-        largest = max((r.get(key, 0.0) for r in nodes), default=0.0)
-        if largest < amount:
-            raise UsageError(f"one worker needs {amount:g} {key} on a single node, but the largest node of this "
-                             f"cluster has {largest:g} {key} (nodes: {len(nodes)})")
+    largest = {key: max((r.get(key, 0.0) for r in nodes), default=0.0) for key in need}
+    short = [key for key, amount in need.items() if largest[key] < amount]
+    if short:  # every shortfall at once, not one per attempt
+        raise UsageError(f"one worker needs {_fmt({k: need[k] for k in short})} on a single node, but the largest "
+                         f"node of this cluster has {_fmt({k: largest[k] for k in short})} (nodes: {len(nodes)})")
     capacity = worker_capacity(per_worker)
     if capacity < num_workers:
         raise UsageError(f"this cluster holds at most {capacity} worker(s) of {_fmt(need)}, "

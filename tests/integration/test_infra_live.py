@@ -172,26 +172,37 @@ def test_a_driver_without_address_joins_the_cluster_ray_start_runs_on_its_node(t
     _check_written_on_both_nodes(out, made, two_node_cluster)
 
 
+def _submit(cluster: dict, manifest: str, paths: dict[str, str], drop: tuple[str, ...] = (), add: str = ""):
+    """A RayJob manifest's entrypoint, verbatim but for `paths` (and flags dropped or added), through the
+    cluster's Jobs API as KubeRay submits it; (final status, the job's logs)."""
+    import yaml
+    from ray.job_submission import JobSubmissionClient
+
+    (job,) = [d for d in yaml.safe_load_all((ROOT / "infra" / "kuberay" / manifest).read_text()) if d]
+    entrypoint = job["spec"]["entrypoint"]
+    for old, new in {"/opt/alexnet-ray": str(ROOT), **paths}.items():
+        assert old in entrypoint, (old, entrypoint)
+        entrypoint = entrypoint.replace(old, new)
+    for flag in drop:
+        assert f" {flag}" in entrypoint
+        entrypoint = entrypoint.replace(f" {flag}", "")
+    client = JobSubmissionClient(cluster["dashboard"])
+    job_id = client.submit_job(entrypoint=f"{entrypoint} {add}".strip())
+    status = _wait_for(lambda: (st := client.get_job_status(job_id)).is_terminal() and st, "the job", timeout_s=600)
+    return status, client.get_job_logs(job_id)
+
+
 def test_the_preprocessing_rayjob_entrypoint_as_written_runs_through_job_submission(two_node_cluster, sample_tree,
                                                                                     tmp_path):
     """What KubeRay does with infra/kuberay/rayjob-preprocess.yaml: the entrypoint, verbatim but for its
     paths, submitted to the cluster's Jobs API (which sets RAY_ADDRESS for the driver)."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    import yaml
+    from ray.job_submission import JobStatus
 
     root, made = sample_tree
     out = tmp_path / "prepared"
-    (job,) = [d for d in yaml.safe_load_all((ROOT / "infra/kuberay/rayjob-preprocess.yaml").read_text()) if d]
-    entrypoint = job["spec"]["entrypoint"]
-    for old, new in (("/opt/alexnet-ray", str(ROOT)), ("/mnt/shared/imagenet", str(root)),
-                     ("/mnt/shared/prepared", str(out)), ("http://mlflow:5000", f"sqlite:///{tmp_path / 'mlflow.db'}")):
-        assert old in entrypoint
-        entrypoint = entrypoint.replace(old, new)
-    client = JobSubmissionClient(two_node_cluster["dashboard"])
-    job_id = client.submit_job(entrypoint=entrypoint)
-    status = _wait_for(lambda: (st := client.get_job_status(job_id)).is_terminal() and st, "the job", timeout_s=600)
-    logs = client.get_job_logs(job_id)
+    status, logs = _submit(two_node_cluster, "rayjob-preprocess.yaml", {
+        "/mnt/shared/imagenet": str(root), "/mnt/shared/prepared": str(out),
+        "http://mlflow:5000": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert re.search(_JOINED.format(port=two_node_cluster["address"].split(":")[1]), logs), logs[-3000:]
     _check_written_on_both_nodes(out, made, two_node_cluster)
@@ -271,3 +282,21 @@ def _train_against(mlflow_server, prepared, small_args, tmp_path, capsys) -> Non
     with torch.no_grad():
         logits = net(torch.zeros(3, 3, 64, 64))
     assert logits.shape == (3, prepared[1]["num_classes"]) and np.isfinite(logits.numpy()).all()
+
+
+def test_the_training_rayjob_on_a_cluster_without_gpus_fails_at_once_naming_them(two_node_cluster, prepared,
+                                                                                 tmp_path):
+    """rayjob-train.yaml's entrypoint (two GPUs per worker) without --no-check-resources, on this GPU-less
+    cluster: it joins the cluster, then stops before any training with the reason, instead of waiting."""
+    from ray.job_submission import JobStatus
+
+    start = time.monotonic()
+    status, logs = _submit(two_node_cluster, "rayjob-train.yaml", {
+        "/mnt/shared/prepared": str(prepared[0]), "/mnt/shared/ray_results": str(tmp_path / "ray_results"),
+        "http://mlflow:5000": f"sqlite:///{tmp_path / 'mlflow.db'}"}, drop=("--no-check-resources",),
+        add="--image-size 64")  # the test data is stored at 72 px, below the paper's 224 px crops
+    assert status == JobStatus.FAILED, logs[-3000:]
+    assert re.search(_JOINED.format(port=two_node_cluster["address"].split(":")[1]), logs), logs[-3000:]
+    assert ("error: one worker needs 4 CPU, 2 GPU on a single node, but the largest node of this cluster has "
+            "1 CPU, 0 GPU (nodes: 2)") in logs
+    assert time.monotonic() - start < 120
