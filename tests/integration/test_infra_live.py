@@ -236,7 +236,8 @@ def mlflow_server(tmp_path_factory):
 
     try:
         _wait_for(healthy, "the MLflow server", timeout_s=120)
-        yield {"url": url, "pid": proc.pid, "port": port, "artifacts": work / "artifacts"}
+        yield {"url": url, "pid": proc.pid, "port": port, "artifacts": work / "artifacts",
+               "backend": env["MLFLOW_BACKEND_STORE_URI"]}
     finally:
         _stop(proc)
         log.close()
@@ -248,6 +249,15 @@ def test_mlflow_server_listens_on_loopback_only_by_default(mlflow_server):
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == mlflow_server["port"]}
     log = (mlflow_server["artifacts"].parent / "server.log").read_text()[-2000:]
     assert listening and {a.ip for a in listening} == {"127.0.0.1"}, (listening, log)
+
+
+def test_no_server_process_shows_the_backend_store_uri_in_its_argv(mlflow_server):
+    """The URI may hold the database password: every user can read a process's argv (`ps`)."""
+    tree = [psutil.Process(mlflow_server["pid"]), *psutil.Process(mlflow_server["pid"]).children(recursive=True)]
+    argvs = [" ".join(p.cmdline()) for p in tree]
+    assert len(argvs) >= 2 and any("mlflow" in a for a in argvs), argvs  # the server and its workers
+    db = mlflow_server["backend"].removeprefix("sqlite:///")
+    assert not [a for a in argvs if db in a], argvs
 
 
 def test_training_run_lands_on_the_tracking_server(mlflow_server, prepared, small_args, mlflow_uri, tmp_path, capsys):

@@ -172,41 +172,157 @@ def test_train_job_gpus_per_worker_matches_the_gpu_group():
     assert cfg.cpus_per_worker * workers_per_pod < int(limits["cpu"])  # CPUs left for decoding
 
 
-def test_mlflow_deployment_runs_the_serve_script_behind_a_cluster_only_service():
+def _env(container: dict) -> dict[str, object]:
+    """A container's env as name -> literal value, or ("secret", name, key) for a secretKeyRef."""
+    out: dict[str, object] = {}
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        out[e["name"]] = ("secret", ref["name"], ref["key"]) if ref else e.get("value")
+    return out
+
+
+def _policy_for(labels: dict) -> dict:
+    (policy,) = [p for p in _of_kind("NetworkPolicy")
+                 if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+                 and p["spec"]["podSelector"]["matchLabels"]]
+    return policy
+
+
+def _admits(policy: dict, labels: dict, port: int) -> bool:
+    """Whether `policy` lets a pod with `labels` open `port` on the pods it selects."""
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        sources = [f["podSelector"]["matchLabels"] for f in rule["from"]]
+        if (not ports or port in ports) and any(s.items() <= labels.items() for s in sources):
+            return True
+    return False
+
+
+def test_every_ray_container_and_submitter_uses_the_same_token_from_a_secret():
+    (cluster,) = _of_kind("RayCluster")
+    spec = cluster["spec"]
+    containers = [c for pod in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+                  for c in pod["spec"]["containers"]]
+    containers += [c for job in _of_kind("RayJob") for c in job["spec"]["submitterPodTemplate"]["spec"]["containers"]]
+    tokens = set()
+    for c in containers:
+        env = _env(c)
+        assert env.get("RAY_AUTH_MODE") == "token", c["name"]
+        assert isinstance(env.get("RAY_AUTH_TOKEN"), tuple), f"{c['name']}: the token must come from a Secret"
+        tokens.add(env["RAY_AUTH_TOKEN"])
+    assert len(tokens) == 1 and len(containers) == 5  # head, 2 worker groups, 2 submitters
+
+
+def test_the_head_admits_only_its_own_cluster_and_the_rayjob_submitters():
+    (cluster,) = _of_kind("RayCluster")
+    name = cluster["metadata"]["name"]
+    head = {"ray.io/cluster": name, "ray.io/node-type": "head"}  # the labels KubeRay puts on the head pod
+    worker = {"ray.io/cluster": name, "ray.io/node-type": "worker", "ray.io/group": "gpu"}
+    policy = _policy_for(head)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    for port in (6379, 8265, 10001):
+        assert _admits(policy, worker, port)
+        assert not _admits(policy, {"app": "some-other-app"}, port)
+    submitters = [job["spec"]["submitterPodTemplate"]["metadata"]["labels"] for job in _of_kind("RayJob")]
+    assert len(submitters) == 2
+    for labels in submitters:
+        assert _admits(policy, labels, 8265)  # the Jobs API, where KubeRay's submitter sends the job
+        assert not _admits(policy, labels, 6379)
+    assert _admits(_policy_for(worker), head, 8076) and not _admits(_policy_for(worker), {"app": "x"}, 8076)
+
+
+def test_mlflow_runs_the_serve_script_with_basic_auth_from_secrets_reached_by_the_drivers_only():
     (deploy,) = _of_kind("Deployment")
     (service,) = _of_kind("Service")
-    (policy,) = _of_kind("NetworkPolicy")
     (cluster,) = _of_kind("RayCluster")
     container = deploy["spec"]["template"]["spec"]["containers"][0]
     workdir = _dockerfile()["workdir"].rstrip("/") + "/"
     assert (ROOT / container["command"][0].removeprefix(workdir)).is_file()
     assert service["spec"]["type"] == "ClusterIP" and service["metadata"]["name"] == "mlflow"
     assert service["spec"]["ports"][0]["port"] == 5000
-    allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
-    assert allowed == {"ray.io/cluster": cluster["metadata"]["name"]}
+    env = _env(container)
+    assert env["MLFLOW_AUTH"] == "basic" and "MLFLOW_NO_AUTH_I_AM_ON_A_PRIVATE_NETWORK" not in env
+    for secret in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_DATABASE_URI"):
+        assert isinstance(env[secret], tuple), secret
+    assert not any("args" in c for c in deploy["spec"]["template"]["spec"]["containers"])
+    # the drivers run on the head and log in with the password the server was given
+    head = {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head"}
+    head_env = _env(cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0])
+    assert head_env["MLFLOW_TRACKING_PASSWORD"] == env["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    policy = _policy_for(deploy["spec"]["template"]["metadata"]["labels"])
+    assert _admits(policy, head, 5000)
+    assert not _admits(policy, {**head, "ray.io/node-type": "worker"}, 5000)
+
+
+def test_the_launcher_turns_on_token_auth_on_every_node():
+    config = _cluster_yaml()
+    assert "-e RAY_AUTH_MODE=token" in config["docker"]["run_options"]  # every process of every container
+    assert "~/.ray/auth_token" in config["file_mounts"]  # the same token on every node
+    assert not any("dashboard-host=0.0.0.0" in c for c in config["head_start_ray_commands"])
+
+
+def test_no_recipe_puts_a_password_on_a_command_line():
+    """README and infra recipes: credentials come from files or secrets, never `user:password@` in a command."""
+    texts = {p: p.read_text() for p in [ROOT / "README.md", *INFRA.rglob("*.md"), *INFRA.rglob("*.yaml"),
+                                        *INFRA.rglob("*.sh")]}
+    for path, text in texts.items():
+        found = re.findall(r"[a-z+]+://[^\s:/@'\"]+:[^\s@'\"]+@", text)
+        assert not [f for f in found if "..." not in f], (path, found)
 
 
 # ------------------------------------------------------------- MLflow server script
 
 
-def test_serve_script_refuses_to_expose_the_server_without_allowed_hosts_or_auth(tmp_path):
-    script = str(INFRA / "mlflow" / "serve.sh")
-    # MLFLOW points at a command that fails loudly: the script must stop before starting a server
-    env = {"PATH": "/usr/bin:/bin", "MLFLOW": str(tmp_path / "not-started"), "MLFLOW_HOST": "0.0.0.0"}
-    out = subprocess.run([script], env=env, capture_output=True, text=True, timeout=30)
-    assert out.returncode == 2 and "MLFLOW_ALLOWED_HOSTS" in out.stderr
-    out = subprocess.run([script], env=env | {"MLFLOW_ALLOWED_HOSTS": "mlflow.example.com"},
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 2 and "authentication" in out.stderr
-    # explicit consent gets as far as starting the (here missing) server, with the host check on
+def _serve(tmp_path, **env) -> subprocess.CompletedProcess:
+    """serve.sh with MLFLOW pointing at a stand-in that prints the argv and environment it was given."""
     fake = tmp_path / "mlflow"
-    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.write_text('#!/bin/sh\necho "ARGV $@"\nenv\n')
     fake.chmod(0o755)
-    out = subprocess.run([script], env=env | {"MLFLOW": str(fake), "MLFLOW_ALLOWED_HOSTS": "mlflow.example.com",
-                                              "MLFLOW_BACKEND_STORE_URI": "postgresql://u:secret@db/m",
-                                              "MLFLOW_NO_AUTH_I_AM_ON_A_PRIVATE_NETWORK": "1"},
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0
-    assert "--host 0.0.0.0" in out.stdout and "--allowed-hosts mlflow.example.com" in out.stdout
-    assert "--serve-artifacts" in out.stdout
-    assert "secret" not in out.stderr  # the banner names the backend's scheme only
+    return subprocess.run([str(INFRA / "mlflow" / "serve.sh")], env={"PATH": "/usr/bin:/bin", "MLFLOW": str(fake), **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.example.com", "localhost", "127.0.0.1.nip.io", "10.0.0.5"])
+def test_serve_script_refuses_to_expose_the_server_without_allowed_hosts_or_auth(tmp_path, host):
+    """Only IP literals of the loopback range count as loopback: a name resolves to whatever DNS says."""
+    out = _serve(tmp_path, MLFLOW_HOST=host)
+    assert out.returncode == 2 and "MLFLOW_ALLOWED_HOSTS" in out.stderr and "ARGV" not in out.stdout
+    out = _serve(tmp_path, MLFLOW_HOST=host, MLFLOW_ALLOWED_HOSTS="mlflow.example.com")
+    assert out.returncode == 2 and "authentication" in out.stderr and "ARGV" not in out.stdout
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.3.2.1", "::1"])
+def test_serve_script_binds_loopback_literals_without_further_questions(tmp_path, host):
+    out = _serve(tmp_path, MLFLOW_HOST=host)
+    assert out.returncode == 0, out.stderr
+    assert f"--host {host} " in out.stdout and "--allowed-hosts" not in out.stdout
+
+
+def test_serve_script_never_puts_the_backend_password_on_the_command_line(tmp_path):
+    out = _serve(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_ALLOWED_HOSTS="mlflow.example.com",
+                 MLFLOW_NO_AUTH_I_AM_ON_A_PRIVATE_NETWORK="1",
+                 MLFLOW_BACKEND_STORE_URI="postgresql://u:s3cret@db/m", MLFLOW_ARTIFACTS_DESTINATION="s3://b/m")
+    assert out.returncode == 0, out.stderr
+    (argv,) = [line for line in out.stdout.splitlines() if line.startswith("ARGV ")]
+    assert "--host 0.0.0.0" in argv and "--allowed-hosts mlflow.example.com" in argv and "--serve-artifacts" in argv
+    assert "s3cret" not in argv and "s3cret" not in out.stderr  # the banner names the backend's scheme only
+    # `mlflow server` takes both from its environment (click envvar), where `ps` does not show them
+    environ = dict(line.split("=", 1) for line in out.stdout.splitlines()[1:] if "=" in line)
+    assert environ["MLFLOW_BACKEND_STORE_URI"] == "postgresql://u:s3cret@db/m"
+    assert environ["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://b/m"
+
+
+@pytest.mark.parametrize("password, ok", [(None, False), ("password1234", False), ("", False),
+                                          ("a-long-random-one", True)])
+def test_serve_script_basic_auth_starts_only_with_an_admin_password_of_its_own(tmp_path, password, ok):
+    env = {"MLFLOW_AUTH": "basic"} | ({} if password is None else {"MLFLOW_AUTH_ADMIN_PASSWORD": password})
+    out = _serve(tmp_path, **env)
+    assert (out.returncode == 0) == ok, out.stderr
+    if ok:
+        assert "--app-name basic-auth" in out.stdout and password not in out.stdout.splitlines()[0]
+        environ = dict(line.split("=", 1) for line in out.stdout.splitlines()[1:] if "=" in line)
+        conf = Path(environ["MLFLOW_AUTH_CONFIG_PATH"])  # the user store's URI: readable by this user only
+        assert conf.stat().st_mode & 0o077 == 0 and conf.parent.stat().st_mode & 0o077 == 0
+        assert "database_uri = sqlite:///basic_auth.db" in conf.read_text() and password not in conf.read_text()
+    else:
+        assert out.returncode == 2 and "MLFLOW_AUTH_ADMIN_PASSWORD" in out.stderr and "ARGV" not in out.stdout
