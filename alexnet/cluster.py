@@ -18,11 +18,48 @@ ADDRESS_FILE = "ray_current_cluster"  # in Ray's temp dir, written by `ray start
 RAY_DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 
 
-def job_runtime_env() -> dict:
-    """runtime_env for ray.init: RAY_DATA_ENV in every task and actor of the job (and in this process)."""
+def job_runtime_env(address: str | None = None) -> dict:
+    """runtime_env for ray.init: RAY_DATA_ENV in every task and actor of the job (and in this process).
+
+    With `address` (the job's GCS address), also RAY_ADDRESS: Ray's helpers that look for "the" cluster
+    without being told (the state API behind Ray Train's placement-group cleaner) then find this job's
+    cluster, not "multiple active Ray instances" when another one runs on the same machine.
+    """
     env = {k: os.environ.get(k, v) for k, v in RAY_DATA_ENV.items()}
+    if address and "://" not in address:
+        env["RAY_ADDRESS"] = address
     os.environ.update(env)
     return {"env_vars": env}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def start_local_ray(num_cpus: int, **init_kwargs) -> str:
+    """A new local Ray instance that every process of the job can tell from any other on this machine.
+
+    Its GCS port is chosen here (RAY_GCS_SERVER_PORT) so that its address is known before it starts
+    and travels in the job's runtime env (`job_runtime_env`); returns that address.
+    """
+    import ray
+
+    address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
+    before = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = address.rsplit(":", 1)[1]
+    try:
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=job_runtime_env(address), **init_kwargs)
+    finally:
+        if before is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = before
+    actual = ray.get_runtime_context().gcs_address
+    if actual != address:  # should not happen: say so rather than point the job at another cluster
+        raise RuntimeError(f"the local Ray instance listens at {actual}, not at {address} as requested")
+    return address
 
 
 def node_cluster_address() -> str | None:
@@ -88,14 +125,37 @@ def connect_ray(address: str | None, min_cpus: float = 0, log: Log = print) -> N
     if not ray.is_initialized():
         target = resolve_address(address, log)
         if target is None:
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(-(-min_cpus // 1))),
-                     log_to_driver=True, runtime_env=job_runtime_env())
+            start_local_ray(max(os.cpu_count() or 1, int(-(-min_cpus // 1))), log_to_driver=True)
         else:
-            ray.init(address=target, log_to_driver=True, runtime_env=job_runtime_env())
+            try:
+                ray.init(address=target, log_to_driver=True, runtime_env=job_runtime_env(target))
+            except ConnectionError as exc:
+                if _refused_token(exc):
+                    raise UsageError(_token_hint(target)) from exc
+                raise
         total = ray.cluster_resources()
         where = f"joined the cluster at {target}" if target else "started a local instance"
         log(f"Ray: {where}: {len(_alive_nodes())} node(s), {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU")
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def _refused_token(exc: BaseException) -> bool:
+    """Whether a failed ray.init was the cluster refusing this process's token (or its lack of one)."""
+    from ray.exceptions import AuthenticationError
+
+    while exc is not None:
+        if isinstance(exc, AuthenticationError) or "InvalidAuthToken" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _token_hint(address: str) -> str:
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return (f"the Ray cluster at {address} refused this process's token: give it the cluster's token in "
+                "RAY_AUTH_TOKEN (or the file ~/.ray/auth_token); `ray get-auth-token` on its head node prints it")
+    return (f"the Ray cluster at {address} uses token authentication: set RAY_AUTH_MODE=token and the cluster's "
+            "token in RAY_AUTH_TOKEN (or the file ~/.ray/auth_token); `ray get-auth-token` on its head node prints it")
 
 
 def _fmt(resources: dict[str, float]) -> str:
@@ -137,3 +197,43 @@ def check_resources(per_worker: dict[str, float], num_workers: int, spare_cpus: 
     if left < spare_cpus:
         raise UsageError(f"the workers take all CPUs of the cluster, leaving {left:g}: at least {spare_cpus:g} "
                          "must remain for Ray Data's decoding tasks (lower --cpus-per-worker or add a node)")
+
+
+# Ray Train reads this in the driver and passes it on to its controller (ray.train.v2 constants)
+WORKER_GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def bound_worker_wait(seconds: float | None) -> None:
+    """How long Ray Train's next worker group may wait for its resources: `seconds`, or Ray's own (None).
+
+    Set in this process before `fit()`; Ray Train hands it to the run's controller.
+    """
+    if seconds is None:
+        os.environ.pop(WORKER_GROUP_START_TIMEOUT, None)
+    else:
+        os.environ[WORKER_GROUP_START_TIMEOUT] = f"{seconds:g}"
+
+
+def waited_too_long(err: BaseException) -> bool:
+    """Whether a failed Ray Train run ended because its worker group never got its resources."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__name__ == "WorkerGroupStartupTimeoutError":
+            return True
+        err = getattr(err, "controller_failure", None) or err.__cause__ or err.__context__
+    return False
+
+
+def wait_message(per_worker: dict[str, float], num_workers: int, seconds: float) -> str:
+    """What a run waited for and what the cluster has, total and free, for a run that gave up waiting."""
+    import ray
+
+    need = {k: v for k, v in per_worker.items() if v > 0}
+    keys = list(need) or ["CPU"]
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return (f"waited {seconds:g} s for {num_workers} worker(s) of {_fmt(need)} and the cluster did not grant "
+            f"them: it has {_fmt({k: total.get(k, 0.0) for k in keys})} in all, "
+            f"{_fmt({k: free.get(k, 0.0) for k in keys})} free now ({len(_alive_nodes())} node(s)); other jobs "
+            "hold the rest. Wait for them, lower --num-workers / --cpus-per-worker, or raise --resource-wait-s "
+            "(--no-check-resources waits without a limit, for autoscaling clusters)")

@@ -262,8 +262,12 @@ class TrainConfig(ConfigBase, ModelConfig):
     keep_checkpoints: int = field(3, help="checkpoints kept besides the latest (the best by val/top1_err)")
     max_failures: int = field(3, help="worker-group restarts from the last checkpoint before the run fails")
     address: str | None = address_field()
-    check_resources: bool = field(True, help="fail at once when the cluster cannot hold the workers "
-                                  "(--no-check-resources on autoscaling clusters)")
+    check_resources: bool = field(True, help="fail at once when the cluster cannot hold the workers, and when "
+                                  "it does not grant them within --resource-wait-s (--no-check-resources on "
+                                  "autoscaling clusters: wait for new nodes without a limit)")
+    resource_wait_s: float = field(600.0, help="how long the workers may wait for the cluster to grant their "
+                                   "resources (busy with other jobs, a lost node not yet replaced) before the "
+                                   "run fails saying what it waited for")
 
     def __post_init__(self) -> None:
         try:
@@ -284,6 +288,7 @@ class TrainConfig(ConfigBase, ModelConfig):
              and self.max_failures >= 0, "need --eval-10crop-every, --shuffle-buffer, --max-failures >= 0 "
              "and --keep-checkpoints >= 1"),
             (self.seeds >= 1, f"--seeds must be at least 1, got {self.seeds}"),
+            (self.resource_wait_s > 0, f"--resource-wait-s must be > 0, got {self.resource_wait_s:g}"),
             (not (self.arch == "owt" and self.gpus_per_worker == 2),
              "--arch owt is a single column: it cannot split over --gpus-per-worker 2 (use --arch paper)"),
         ]

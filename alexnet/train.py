@@ -54,6 +54,9 @@ def preflight(cfg: TrainConfig, driver_cpus: float = 0.0, log: Log = print) -> t
     if cfg.check_resources:
         # one CPU beyond the workers: Ray Data's decoding tasks need somewhere to run
         check_resources(per_worker_resources(cfg), cfg.num_workers, spare_cpus=1.0 + driver_cpus)
+    else:
+        log(f"--no-check-resources: the {cfg.num_workers} worker(s) wait for the cluster to grant their resources "
+            "without a limit (new nodes of an autoscaler, a replaced node)")
     return prepared, uri, storage_path(cfg.storage_path)
 
 
@@ -64,8 +67,20 @@ def run_config(cfg: TrainConfig, name: str, storage: str, callbacks: list):
         name=name, storage_path=storage, callbacks=callbacks,
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                            checkpoint_score_attribute="val/top1_err", checkpoint_score_order="min"),
-        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        # a worker group that cannot start within --resource-wait-s ends the run (see build_trainer);
+        # without the check, Ray Train retries its start for ever
+        failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                     controller_failure_limit=0 if cfg.check_resources else -1),
     )
+
+
+def not_granted(cfg: TrainConfig, err: BaseException) -> UsageError | None:
+    """The error to report when a run failed because the cluster never granted its workers' resources."""
+    from alexnet.cluster import wait_message, waited_too_long
+
+    if not waited_too_long(err):
+        return None
+    return UsageError(wait_message(per_worker_resources(cfg), cfg.num_workers, cfg.resource_wait_s))
 
 
 def build_trainer(cfg: TrainConfig, prepared: Prepared, run_config):
@@ -76,6 +91,9 @@ def build_trainer(cfg: TrainConfig, prepared: Prepared, run_config):
     from alexnet.datasets import ValSplitUnequally, build_datasets
     from alexnet.loop import train_loop_per_worker
 
+    from alexnet.cluster import bound_worker_wait
+
+    bound_worker_wait(cfg.resource_wait_s if cfg.check_resources else None)
     gpu = cfg.gpus_per_worker > 0
     resources = {k: v for k, v in per_worker_resources(cfg).items() if k == "CPU" or v > 0}
     return TorchTrainer(
@@ -129,8 +147,11 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
     try:
         result = trainer.fit()
     except TrainingFailedError as err:
-        runs.set_tags(run_id, {"error": str(err)[:5000]})
+        waited = not_granted(cfg, err)
+        runs.set_tags(run_id, {"error": (str(waited) if waited else str(err))[:5000]})
         runs.finish(run_id, "FAILED")
+        if waited:
+            raise waited from err
         raise
     best = min(result.best_checkpoints or [(result.checkpoint, {})],
                key=lambda pair: pair[1].get("val/top1_err", math.inf))[0]

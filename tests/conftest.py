@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
 
-from alexnet.cluster import job_runtime_env
+from alexnet.cluster import start_local_ray
 from alexnet.config import PreprocessConfig
 from alexnet.sample import SampleConfig, make_sample
+
+# Ray's token authentication on, as Ray 2.60 turns it on for a new cluster: every Ray instance a test
+# starts (the shared one, `ray start` clusters) and every driver it runs share this session's token
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 SAMPLE = dict(num_classes=4, train_per_class=16, val_per_class=4, seed=7, broken=4)
 PREPARED_SIZE = 72
@@ -37,13 +43,24 @@ def ray_cluster():
     """A local Ray instance shared by every integration test (start-up costs seconds)."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    before = os.environ.get("RAY_ADDRESS")
     # 4 logical CPUs on 2 cores: two training workers plus Ray Data tasks must fit at once
     # the dashboard process is kept: Tune driving Train trials needs it to remove placement groups
-    # address='local': a new instance even where $RAY_ADDRESS or a `ray start` on this machine says otherwise
-    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, runtime_env=job_runtime_env())
-    yield ray.get_runtime_context().gcs_address
+    # a new instance even where $RAY_ADDRESS or a `ray start` on this machine says otherwise, with its
+    # address known to all its processes (start_local_ray)
+    address = start_local_ray(4, include_dashboard=True, log_to_driver=False)
+    # ...but not in this process: Ray's Jobs API and state clients take $RAY_ADDRESS over the address
+    # they are given, and tests talk to other clusters as well
+    _restore("RAY_ADDRESS", before)
+    yield address
     ray.shutdown()
+
+
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +70,7 @@ def mlflow_uri(tmp_path_factory) -> str:
     before = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     yield uri
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    _restore("MLFLOW_TRACKING_URI", before)
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ RANGES = ("uniform", "loguniform", "randint")
 LISTS = ("choice", "grid")
 # What a trial may not change: where data, runs and the cluster are, and the resources of a trial.
 NOT_TUNABLE = {"data", "experiment", "run_name", "tracking_uri", "storage_path", "address", "check_resources",
-               "num_workers", "gpus_per_worker", "cpus_per_worker", "max_failures", "keep_checkpoints", "seeds",
+               "resource_wait_s", "num_workers", "gpus_per_worker", "cpus_per_worker", "max_failures", "keep_checkpoints", "seeds",
                "init_from"}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from alexnet.config import Log, SweepConfig, TrainConfig, UsageError
 from alexnet.model import ModelConfig
 from alexnet.prepared import Prepared
-from alexnet.train import build_trainer, per_worker_resources, preflight, run_config
+from alexnet.train import build_trainer, not_granted, per_worker_resources, preflight, run_config
 
 METRIC = "val/top1_err"
 
@@ -23,12 +23,19 @@ METRIC = "val/top1_err"
 def _trial(config: dict, base: TrainConfig, prepared: Prepared, sweep: str, storage: str) -> None:
     """One Tune trial: a whole training run with the sampled values, its reports forwarded to Tune."""
     from ray import tune
+    from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
 
     name = f"{sweep}-{tune.get_context().get_trial_id()}"
     cfg = base.with_overrides({**config, "run_name": name})
     trainer = build_trainer(cfg, prepared, run_config(cfg, name, storage, [TuneReportCallback()]))
-    trainer.fit()
+    try:
+        trainer.fit()
+    except TrainingFailedError as err:
+        waited = not_granted(cfg, err)
+        if waited:  # the trial fails saying what it waited for, not with Ray Train's generic timeout
+            raise RuntimeError(str(waited)) from err
+        raise
 
 
 # The trial itself only waits on its TorchTrainer: a token CPU share (Tune refuses an empty request).

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import re
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -74,50 +77,73 @@ def _wait_for(check, what: str, timeout_s: float = 90.0):
 # ------------------------------------------------------------- two Ray nodes on one machine
 
 
-@pytest.fixture(scope="module")
-def two_node_cluster():
-    """`ray start --head` plus `ray start --address` with their own ports and resources; both stopped after."""
+_WORKER_PORTS = itertools.count(24000, 500)  # each node's worker ports: its own range, never reused
+
+
+def _node_ports() -> list[str]:
+    p = _free_ports(6)
+    low = next(_WORKER_PORTS)
+    return ["--node-manager-port", str(p[0]), "--object-manager-port", str(p[1]),
+            "--dashboard-agent-listen-port", str(p[2]), "--dashboard-agent-grpc-port", str(p[3]),
+            "--metrics-export-port", str(p[4]), "--runtime-env-agent-port", str(p[5]),
+            "--min-worker-port", str(low), "--max-worker-port", str(low + 499)]
+
+
+@contextlib.contextmanager
+def _ray_start_cluster(nodes: int, cpus: int):
+    """`ray start --head` plus `ray start --address` nodes with their own ports and `cpus` each; all
+    stopped after. Yields the cluster's facts and `add_node()`, which starts one more node."""
     temp = tempfile.mkdtemp(prefix="r2n", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    gcs, dash, client, *node_ports = _free_ports(15)
+    gcs, dash, client = _free_ports(3)
     # RAY_TMPDIR: this cluster's temp dir is Ray's default one for every process given this env, so
     # a driver started with it finds the cluster as on a node where `ray start` runs; PATH: the
     # job entrypoint's `python` is this environment's, as in the project's image
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=temp,
+    # token authentication on (conftest): the cluster, the drivers and the Jobs API client share the token
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=temp,
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"]
     env.pop("RAY_ADDRESS", None)
-    common = ["--num-cpus", "1", "--block", "--disable-usage-stats"]
-
-    def own_ports(p: list[int], worker_ports: str) -> list[str]:
-        return ["--node-manager-port", str(p[0]), "--object-manager-port", str(p[1]),
-                "--dashboard-agent-listen-port", str(p[2]), "--dashboard-agent-grpc-port", str(p[3]),
-                "--metrics-export-port", str(p[4]), "--runtime-env-agent-port", str(p[5]),
-                "--min-worker-port", worker_ports.split("-")[0], "--max-worker-port", worker_ports.split("-")[1]]
-
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--ray-client-server-port", str(client), "--temp-dir", f"{temp}/ray", *common,
-         *own_ports(node_ports[:6], "24000-24499")],
-        env=env, start_new_session=True, stdout=open(f"{temp}/head.log", "w"), stderr=subprocess.STDOUT)
-    procs = [head]
+    common = ["--num-cpus", str(cpus), "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1"]
     dashboard = f"http://127.0.0.1:{dash}"
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str]) -> subprocess.Popen:
+        before = len(_alive_nodes(dashboard)) if procs else 0
+        proc = subprocess.Popen([str(BIN / "ray"), "start", *args, *common, *_node_ports()], env=env,
+                                start_new_session=True, stdout=open(f"{temp}/node{len(procs)}.log", "w"),
+                                stderr=subprocess.STDOUT)
+        procs.append(proc)
+        _wait_for(lambda: len(_alive_nodes(dashboard)) == before + 1, f"node {len(procs)}")
+        return proc
+
     try:
-        _wait_for(lambda: len(_alive_nodes(dashboard)) == 1, "the head node")
-        procs.append(subprocess.Popen(
-            [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
-             *common, *own_ports(node_ports[6:12], "24500-24999")],
-            env=env, start_new_session=True, stdout=open(f"{temp}/worker.log", "w"), stderr=subprocess.STDOUT))
-        nodes = _wait_for(lambda: (n := _alive_nodes(dashboard)) and len(n) == 2 and n, "the second node")
-        yield {"address": f"127.0.0.1:{gcs}", "dashboard": dashboard, "nodes": nodes, "env": env}
+        start(["--head", "--port", str(gcs), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+               "--dashboard-port", str(dash), "--ray-client-server-port", str(client), "--temp-dir", f"{temp}/ray"])
+        for _ in range(nodes - 1):
+            start(["--address", f"127.0.0.1:{gcs}"])
+        yield {"address": f"127.0.0.1:{gcs}", "dashboard": dashboard, "nodes": _alive_nodes(dashboard), "env": env,
+               "procs": procs, "add_node": lambda: start(["--address", f"127.0.0.1:{gcs}"])}
     finally:
         for proc in reversed(procs):
             _stop(proc)
 
 
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """Two nodes of 1 CPU each."""
+    with _ray_start_cluster(nodes=2, cpus=1) as cluster:
+        yield cluster
+
+
+def _authorized(url: str) -> urllib.request.Request:
+    """A dashboard request carrying the session's Ray token (the dashboard refuses any other)."""
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
+
+
 def _alive_nodes(dashboard: str) -> list[str]:
     """Node ids of the cluster's alive nodes, from its dashboard's state API."""
     try:
-        with urllib.request.urlopen(f"{dashboard}/api/v0/nodes?limit=100", timeout=5) as resp:
+        with urllib.request.urlopen(_authorized(f"{dashboard}/api/v0/nodes?limit=100"), timeout=5) as resp:
             body = json.load(resp)
     except OSError:
         return []
@@ -153,7 +179,7 @@ def test_preprocess_with_address_runs_on_both_nodes(two_node_cluster, sample_tre
     _check_written_on_both_nodes(out, made, two_node_cluster)
 
     # Ray's own record agrees: the cluster ran tasks on both nodes
-    with urllib.request.urlopen(f"{two_node_cluster['dashboard']}/api/v0/tasks?limit=10000&detail=1",
+    with urllib.request.urlopen(_authorized(f"{two_node_cluster['dashboard']}/api/v0/tasks?limit=10000&detail=1"),
                                 timeout=30) as resp:
         tasks = json.load(resp)["data"]["result"]["result"]
     task_nodes = {t["node_id"] for t in tasks if t.get("state") == "FINISHED" and t.get("node_id")}
@@ -172,9 +198,29 @@ def test_a_driver_without_address_joins_the_cluster_ray_start_runs_on_its_node(t
     _check_written_on_both_nodes(out, made, two_node_cluster)
 
 
-def _submit(cluster: dict, manifest: str, paths: dict[str, str], drop: tuple[str, ...] = (), add: str = ""):
-    """A RayJob manifest's entrypoint, verbatim but for `paths` (and flags dropped or added), through the
-    cluster's Jobs API as KubeRay submits it; (final status, the job's logs)."""
+def test_the_cluster_refuses_a_driver_without_its_token_and_the_driver_says_how_to_give_it(two_node_cluster,
+                                                                                         sample_tree, tmp_path):
+    """A new user's shell: no RAY_AUTH_MODE, no token file in ~/.ray; one line, exit 2, instead of a
+    bare "Failed to connect to Ray cluster"; the dashboard refuses a request without the token too."""
+    env = {k: v for k, v in two_node_cluster["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env["HOME"] = str(tmp_path)
+    cmd = [sys.executable, str(ROOT / "pipelines" / "preprocess.py"), "--input", str(sample_tree[0]),
+           "--output", str(tmp_path / "out"), "--address", two_node_cluster["address"],
+           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 2, done.stderr[-3000:]
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert f"the Ray cluster at {two_node_cluster['address']} uses token authentication: set RAY_AUTH_MODE=token" \
+        in line and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert not list(tmp_path.rglob("*.parquet"))
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{two_node_cluster['dashboard']}/api/v0/nodes?limit=1", timeout=5)
+    assert refused.value.code in (401, 403)
+
+
+def _start_job(cluster: dict, manifest: str, paths: dict[str, str], drop: tuple[str, ...] = (), add: str = ""):
+    """A RayJob manifest's entrypoint, verbatim but for `paths` (and flags dropped or added), submitted to
+    the cluster's Jobs API as KubeRay submits it; (client, job id)."""
     import yaml
     from ray.job_submission import JobSubmissionClient
 
@@ -187,7 +233,12 @@ def _submit(cluster: dict, manifest: str, paths: dict[str, str], drop: tuple[str
         assert f" {flag}" in entrypoint
         entrypoint = entrypoint.replace(f" {flag}", "")
     client = JobSubmissionClient(cluster["dashboard"])
-    job_id = client.submit_job(entrypoint=f"{entrypoint} {add}".strip())
+    return client, client.submit_job(entrypoint=f"{entrypoint} {add}".strip())
+
+
+def _submit(cluster: dict, manifest: str, paths: dict[str, str], drop: tuple[str, ...] = (), add: str = ""):
+    """`_start_job`, then wait for the end: (final status, the job's logs)."""
+    client, job_id = _start_job(cluster, manifest, paths, drop, add)
     status = _wait_for(lambda: (st := client.get_job_status(job_id)).is_terminal() and st, "the job", timeout_s=600)
     return status, client.get_job_logs(job_id)
 
@@ -310,3 +361,80 @@ def test_the_training_rayjob_on_a_cluster_without_gpus_fails_at_once_naming_them
     assert ("error: one worker needs 4 CPU, 2 GPU on a single node, but the largest node of this cluster has "
             "1 CPU, 0 GPU (nodes: 2)") in logs
     assert time.monotonic() - start < 120
+
+
+# ------------------------------------------------------------- training over nodes, and a lost node
+
+
+def _state(cluster: dict, what: str) -> list[dict]:
+    with urllib.request.urlopen(_authorized(f"{cluster['dashboard']}/api/v0/{what}?limit=10000&detail=1"),
+                                timeout=30) as resp:
+        return json.load(resp)["data"]["result"]["result"]
+
+
+def _kill_node(proc: subprocess.Popen) -> None:
+    """A node lost at once, as a spot instance is: SIGKILL to its raylet, workers and everything else."""
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def test_a_cpu_training_job_spans_two_nodes_and_survives_losing_one(learnable, small_args, tmp_path):
+    """rayjob-train.yaml's entrypoint, CPU-sized, through the Jobs API on two 3-CPU nodes: its two 2-CPU
+    workers land one per node. After epoch 2 the second node dies (SIGKILL, mid-epoch 3); a new node
+    joins; Ray Train restarts the group from the epoch-2 checkpoint and the run finishes, every epoch
+    logged exactly once."""
+    from ray.job_submission import JobStatus
+
+    db = tmp_path / "mlflow.db"
+    storage = tmp_path / "ray_results"  # one folder every node of this machine sees
+    with _ray_start_cluster(nodes=2, cpus=3) as cluster:
+        client, job_id = _start_job(cluster, "rayjob-train.yaml", {
+            "/mnt/shared/prepared": str(learnable), "/mnt/shared/ray_results": str(storage),
+            "http://mlflow:5000": f"sqlite:///{db}"}, drop=("--no-check-resources",),
+            add=" ".join([*small_args, "--num-workers", "2", "--gpus-per-worker", "0", "--cpus-per-worker", "2",
+                          "--epochs", "4", "--max-failures", "2", "--resource-wait-s", "300"]))
+        uri = f"sqlite:///{db}"
+
+        def epochs_done() -> list[tuple[int, float]]:
+            if client.get_job_status(job_id).is_terminal():
+                raise AssertionError(client.get_job_logs(job_id)[-3000:])
+            try:
+                return _history(uri, "train/loss")
+            except Exception:  # noqa: BLE001 - no experiment or run yet, or the store is being created
+                return []
+
+        before = _wait_for(lambda: len(h := epochs_done()) >= 2 and h, "epoch 2", timeout_s=400)
+        (head, lost) = cluster["procs"]
+        workers = [a for a in _state(cluster, "actors") if "RayTrainWorker" in a["class_name"] and a["state"] == "ALIVE"]
+        assert len({a["node_id"] for a in workers}) == 2, workers  # one worker on each node
+        _kill_node(lost)
+        time.sleep(10)  # the run notices; its restart waits for capacity
+        cluster["add_node"]()
+        status = _wait_for(lambda: (st := client.get_job_status(job_id)).is_terminal() and st, "the job",
+                           timeout_s=600)
+        logs = client.get_job_logs(job_id)
+        assert status == JobStatus.SUCCEEDED, logs[-3000:]
+        new_node = (set(_alive_nodes(cluster["dashboard"])) - set(cluster["nodes"])).pop()
+        ran_on = {a["node_id"] for a in _state(cluster, "actors") if "RayTrainWorker" in a["class_name"]}
+        assert new_node in ran_on and set(cluster["nodes"]) <= ran_on  # the restarted group used the new node
+
+    after = _history(uri, "train/loss")
+    assert [step for step, _ in after] == [1, 2, 3, 4]  # each epoch once: epochs 1-2 were not run again
+    assert after[:2] == before[:2]
+    assert [s for s, _ in _history(uri, "epoch")] == [1, 2, 3, 4]
+    assert MlflowClient(uri).search_runs(MlflowClient(uri).get_experiment_by_name("alexnet-ray").experiment_id
+                                         )[0].info.status == "FINISHED"
+
+
+def _history(uri: str, key: str) -> list[tuple[int, float]]:
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("alexnet-ray").experiment_id])
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))

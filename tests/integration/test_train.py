@@ -138,3 +138,30 @@ def test_one_gpu_per_worker_runs_the_towers_on_it(learnable, small_args, mlflow_
     assert cli.main(argv) == 0
     if torch.cuda.device_count() >= 2:
         assert cli.main([*argv[:-len(small_args)], "--gpus-per-worker", "2", "--run-name", "gpu2", *small_args]) == 0
+
+
+def test_workers_the_cluster_never_grants_fail_the_run_within_the_bound_saying_what_they_wait_for(
+        learnable, small_args, mlflow_uri, tmp_path, capsys, ray_cluster):
+    """Another job holds 3 of the 4 CPUs: the run (one 2-CPU worker) would fit an idle cluster, so the
+    up-front check passes, but its workers are never granted. It ends after --resource-wait-s, naming
+    what it waited for and what the cluster has, instead of waiting for ever."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    other_job = placement_group([{"CPU": 3}])
+    ray.get(other_job.ready(), timeout=60)
+    try:
+        argv = ["--data", str(learnable), "--epochs", "1", "--run-name", "starved", "--cpus-per-worker", "2",
+                "--resource-wait-s", "8", "--storage-path", str(tmp_path / "ckpt"), *small_args]
+        start = time.monotonic()
+        assert cli.main(argv) == 2
+        took = time.monotonic() - start
+    finally:
+        remove_placement_group(other_job)
+    err = capsys.readouterr().err
+    assert ("waited 8 s for 1 worker(s) of 2 CPU and the cluster did not grant them: it has 4 CPU in all, "
+            "1 CPU free now") in err, err[-3000:]
+    assert "Traceback" not in err
+    assert took < 8 + 60, took  # the bound, plus Ray Train's start-up
+    run = MlflowClient(mlflow_uri).get_run(_run_id(mlflow_uri, "starved"))
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("waited 8 s for 1 worker(s)")
