@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,3 +128,40 @@ def test_a_sweep_asking_for_more_gpus_than_any_node_has_exits_2(learnable, small
     argv = ["--data", str(learnable), *small_args, "--gpus-per-worker", "2", "--storage-path", str(tmp_path)]
     assert cli.main(argv) == 2
     assert "2 GPU on a single node" in capsys.readouterr().err
+
+
+def test_a_sweep_on_its_own_local_ray_beside_another_instance_and_a_dead_clusters_address_file(
+        learnable, small_args, tmp_path, ray_cluster):
+    """The session's Ray instance runs on this machine, and Ray's temp dir holds the address file of a
+    `ray start` cluster that stopped uncleanly. A sweep without --address reports the dead address,
+    starts its own instance, and every process of its job finds that instance, not "multiple active
+    Ray instances" (Ray Train's placement-group cleaner looks the cluster up by itself; when it failed,
+    an ASHA-stopped trial's placement group was never removed and the next trial waited for ever)."""
+    temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths stay < 108 bytes
+    (temp / "ray").mkdir()
+    with socket.socket() as s:  # a port nothing listens on: the stopped cluster's GCS
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    (temp / "ray" / "ray_current_cluster").write_text(dead)
+    space = {"lr": {"grid": [0.01, 1e-6, 0.01]}}  # ASHA stops the second; the third needs its resources
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["--data", str(learnable), *small_args, "--batch-size", "16", "--epochs", "3", "--num-samples", "1",
+            "--search", "grid", "--space", str(tmp_path / "space.yaml"), "--grace-period", "2",
+            "--max-concurrent", "1", "--sweep-name", "beside", "--storage-path", str(tmp_path), "--tracking-uri", uri]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(temp),
+                                                                         "PYTHONPATH": str(REPO)}
+    try:
+        done = subprocess.run([sys.executable, "pipelines/tune.py", *argv], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=900, start_new_session=True)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert f"Ray: no cluster answers at {dead} (from the address file of `ray start` on this node); ignoring it" in out
+    assert "Ray: started a local instance" in out
+    assert "multiple active Ray instances" not in out and "Failed to query Ray Train Controller" not in out, out[-4000:]
+    parent = _parent(uri, "beside")
+    children = _children(uri, parent.info.run_id)
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    assert sorted(c.data.tags["stopped_early"] for c in children) == ["False", "False", "True"]
