@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
 
 from alexnet.config import Log, UsageError
 
+T = TypeVar("T")
 ADDRESS_FILE = "ray_current_cluster"  # in Ray's temp dir, written by `ray start`
 
 # Ray Data 2.60 reads Parquet footers on a pool of FooterReader actors that it starts afresh for
@@ -237,3 +242,42 @@ def wait_message(per_worker: dict[str, float], num_workers: int, seconds: float)
             f"{_fmt({k: free.get(k, 0.0) for k in keys})} free now ({len(_alive_nodes())} node(s)); other jobs "
             "hold the rest. Wait for them, lower --num-workers / --cpus-per-worker, or raise --resource-wait-s "
             "(--no-check-resources waits without a limit, for autoscaling clusters)")
+
+
+def watched(results: Iterable[T], seconds: float, need: dict[str, float], what: str) -> Iterator[T]:
+    """`results` (a driver's loop over a Ray Data job), failing when the cluster never runs the job.
+
+    When nothing has come for `seconds` while the cluster has less free than one of the job's tasks
+    needs (`need`), the wait is interrupted and a UsageError says what the job waited for and what the
+    cluster has. A slow job on a cluster with room never trips it.
+    """
+    if seconds <= 0:
+        raise UsageError(f"--resource-wait-s must be > 0, got {seconds:g}")
+    need = {k: v for k, v in need.items() if v > 0}
+    last, tripped, done = [time.monotonic()], [], threading.Event()
+
+    def watch() -> None:
+        import ray
+
+        while not done.wait(min(1.0, seconds / 4)):
+            free = ray.available_resources()
+            if time.monotonic() - last[0] > seconds and any(free.get(k, 0.0) < v for k, v in need.items()):
+                total = ray.cluster_resources()
+                tripped.append(f"waited {seconds:g} s for {what} ({_fmt(need)} each) without a result: the cluster "
+                               f"has {_fmt({k: total.get(k, 0.0) for k in need})} in all, "
+                               f"{_fmt({k: free.get(k, 0.0) for k in need})} free now ({len(_alive_nodes())} "
+                               "node(s)); other jobs hold the rest. Wait for them or raise --resource-wait-s")
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                return
+
+    threading.Thread(target=watch, name="resource-wait", daemon=True).start()
+    try:
+        for result in results:
+            last[0] = time.monotonic()
+            yield result
+    except KeyboardInterrupt:
+        if tripped:
+            raise UsageError(tripped[0]) from None
+        raise
+    finally:
+        done.set()

@@ -170,6 +170,11 @@ def address_field() -> Any:
                              "this node, else a new local instance")
 
 
+def resource_wait_field() -> Any:
+    return field(600.0, help="how long the job may wait for the cluster to grant its resources (taken by other jobs, "
+                 "a lost node not yet replaced) before it fails saying what it waited for")
+
+
 def tracking_uri_field() -> Any:
     return field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
 
@@ -200,6 +205,7 @@ class PreprocessConfig(ConfigBase):
     stats: bool = field(True, help="compute the mean image and the RGB PCA in the same pass")
     draft: bool = field(True, help="let large JPEGs decode at a reduced DCT scale (faster, same quality)")
     address: str | None = address_field()
+    resource_wait_s: float = resource_wait_field()
     tracking_uri: str | None = tracking_uri_field()
     experiment: str = experiment_field()
     run_name: str | None = run_name_field()
@@ -265,9 +271,7 @@ class TrainConfig(ConfigBase, ModelConfig):
     check_resources: bool = field(True, help="fail at once when the cluster cannot hold the workers, and when "
                                   "it does not grant them within --resource-wait-s (--no-check-resources on "
                                   "autoscaling clusters: wait for new nodes without a limit)")
-    resource_wait_s: float = field(600.0, help="how long the workers may wait for the cluster to grant their "
-                                   "resources (busy with other jobs, a lost node not yet replaced) before the "
-                                   "run fails saying what it waited for")
+    resource_wait_s: float = resource_wait_field()
 
     def __post_init__(self) -> None:
         try:
@@ -349,6 +353,7 @@ class EvalConfig(ConfigBase):
     ensemble_experiment: str = field("ensembles", help="MLflow experiment of the evaluation runs")
     run_name: str | None = run_name_field("name of the summary run (default: ensembles-TIMESTAMP)")
     address: str | None = address_field()
+    resource_wait_s: float = resource_wait_field()
 
     def __post_init__(self) -> None:
         if bool(self.runs) == bool(self.experiment):

@@ -110,12 +110,14 @@ def _list_folders_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
     return out
 
 
-def list_files(layout: Layout, classes: int | None = None,
-               limit: int | None = None) -> tuple[dict[str, pa.Table], list[tuple[str, str]]]:
+def list_files(layout: Layout, classes: int | None = None, limit: int | None = None,
+               wait_s: float = 600.0) -> tuple[dict[str, pa.Table], list[tuple[str, str]]]:
     """{split: table(path, label, wnid)} of the files to process (the first `classes` classes, the first `limit`
-    files of each split), sorted by path, and the listing's rejects."""
+    files of each split), sorted by path, and the listing's rejects. The listing tasks may wait `wait_s`
+    for a CPU (`alexnet.cluster.watched`)."""
     import ray
 
+    from alexnet.cluster import watched
     from alexnet.datasets import one_stage
 
     folders = [("train", f"train/{w}", w) for w in layout.wnids]
@@ -127,8 +129,8 @@ def list_files(layout: Layout, classes: int | None = None,
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * cpus)))
     listed = one_stage(ds.map_batches(_list_folders_batch, batch_size=8, batch_format="numpy"))
-    table = pa.concat_tables([pa.Table.from_pandas(b) if not isinstance(b, pa.Table) else b
-                              for b in ray.get(listed.to_arrow_refs())])
+    table = pa.concat_tables(list(watched(listed.iter_batches(batch_size=None, batch_format="pyarrow"), wait_s,
+                                          {"CPU": 1.0}, "the listing tasks")))
     table = table.sort_by("path")
 
     keep_wnids = layout.wnids[:classes] if classes else layout.wnids

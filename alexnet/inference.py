@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from alexnet.cluster import watched
 from alexnet.config import EvalConfig, Log, UsageError
 from alexnet.members import Member
 from alexnet.prepared import Prepared
@@ -68,10 +69,14 @@ def actor_pool(cfg: EvalConfig) -> dict:
         if gpus < cfg.gpus_per_actor:
             raise UsageError(f"--gpus-per-actor {cfg.gpus_per_actor:g} but the cluster has {gpus:g} GPU(s)")
         actors = cfg.actors or max(1, int(gpus // cfg.gpus_per_actor))
-        return {"concurrency": actors, "num_gpus": cfg.gpus_per_actor, "num_cpus": 1}
+        return {"concurrency": actors, "num_gpus": cfg.gpus_per_actor, "num_cpus": actor_needs(cfg)["CPU"]}
     cpus = ray.cluster_resources().get("CPU", 1.0)
     # leave a CPU for the decoding tasks
-    return {"concurrency": cfg.actors or max(1, int(cpus) - 1), "num_cpus": 1}
+    return {"concurrency": cfg.actors or max(1, int(cpus) - 1), "num_cpus": actor_needs(cfg)["CPU"]}
+
+
+def actor_needs(cfg: EvalConfig) -> dict[str, float]:
+    return {"CPU": 1.0, "GPU": cfg.gpus_per_actor}
 
 
 def infer_member(member: Member, prepared: Prepared, modes: tuple[str, ...], cfg: EvalConfig) -> dict[str, pa.Table]:
@@ -83,7 +88,8 @@ def infer_member(member: Member, prepared: Prepared, modes: tuple[str, ...], cfg
         fn_constructor_kwargs={"member": member, "mean_image": prepared.mean_image, "size": prepared.size,
                                "modes": modes, "use_gpu": cfg.gpus_per_actor > 0}, **actor_pool(cfg))
     parts: dict[str, list] = {"path": [], "label": []} | {m: [] for m in modes}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in watched(ds.iter_batches(batch_size=None, batch_format="numpy"), cfg.resource_wait_s,
+                         actor_needs(cfg), "the inference actors"):
         parts["path"].append(batch["path"].astype(str))
         parts["label"].append(batch["label"])
         for m in modes:

@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from alexnet.cluster import watched
 from alexnet.config import EvalConfig
-from alexnet.inference import MemberModel, actor_pool
+from alexnet.inference import MemberModel, actor_needs, actor_pool
 from alexnet.members import Member
 from alexnet.prepared import Prepared
 
@@ -60,7 +61,8 @@ def figure4(member: Member, prepared: Prepared, cfg: EvalConfig, path: Path, k: 
                                                "use_gpu": cfg.gpus_per_actor > 0},
                         **actor_pool(cfg))
     best: list[list[tuple[float, str, bytes]]] = [[] for _ in picks]
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in watched(ds.iter_batches(batch_size=None, batch_format="numpy"), cfg.resource_wait_s,
+                         actor_needs(cfg), "the neighbour-search actors"):
         for q, d, p, jpeg in zip(batch["query"], batch["distance"], batch["path"], batch["jpeg"]):
             best[int(q)].append((float(d), str(p), bytes(jpeg)))
         best = [sorted(b)[:k] for b in best]

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import alexnet
-from alexnet.cluster import connect_ray
+from alexnet.cluster import connect_ray, watched
 from alexnet.config import Log, PreprocessConfig, UsageError
 from alexnet.datasets import one_stage
 from alexnet.imagenet import Layout, detect_layout, list_files, read_synset_names
@@ -185,7 +185,7 @@ def run_preprocess(cfg: PreprocessConfig, log: Log = print) -> dict:
 
     connect_ray(cfg.address, log=log)
     phases = {"start": time.perf_counter() - started}
-    files, listing_rejects = list_files(layout, cfg.classes, cfg.limit)
+    files, listing_rejects = list_files(layout, cfg.classes, cfg.limit, cfg.resource_wait_s)
     phases["listing"] = time.perf_counter() - started - sum(phases.values())
     if files["train"].num_rows == 0:
         raise UsageError("no training files left after --classes/--limit")
@@ -231,7 +231,7 @@ def _run_shards(items: list[dict], cfg: PreprocessConfig, out: Path, log: Log) -
         num_cpus=1)
     ds = one_stage(ds)
     start, files_done, shards_done, last_log = time.perf_counter(), 0, 0, 0.0
-    for result in ds.iter_rows():
+    for result in watched(ds.iter_rows(), cfg.resource_wait_s, {"CPU": 1.0}, "the preprocessing tasks"):
         shards_done += 1
         files_done += result["rows"] + result["rejects"]
         now = time.perf_counter() - start

@@ -205,3 +205,27 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_job_the_cluster_never_runs_fails_within_the_bound_saying_what_it_waits_for(tmp_path, sample_tree,
+                                                                                       ray_cluster, capsys):
+    """Another job holds every CPU of the cluster: preprocessing's tasks never start. It stops after
+    --resource-wait-s with one line naming what it waited for and what the cluster has."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    other_job = placement_group([{"CPU": 4}])
+    ray.get(other_job.ready(), timeout=60)
+    try:
+        start = time.monotonic()
+        rc = cli.main(["--input", str(sample_tree[0]), "--output", str(tmp_path / "out"), "--size", "32",
+                       "--resource-wait-s", "5"])
+        took = time.monotonic() - start
+    finally:
+        remove_placement_group(other_job)
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    assert ("error: waited 5 s for the listing tasks (1 CPU each) without a result: the cluster has 4 CPU in all, "
+            "0 CPU free now (1 node(s))") in err, err[-3000:]
+    assert took < 5 + 30, took
+    assert not list((tmp_path / "out").rglob("*.parquet"))
