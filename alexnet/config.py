@@ -103,7 +103,10 @@ class ConfigBase:
         pre_parser.add_argument("--config", type=Path)
         pre, _ = pre_parser.parse_known_args(argv)
         if pre.config is not None:
-            defaults = load_yaml_mapping(pre.config)
+            try:
+                defaults = load_yaml_mapping(pre.config)
+            except UsageError as err:  # one line and exit 2, as for a bad flag, never a traceback
+                parser.exit(2, f"error: {err}\n")
             known = {f.name for f in dataclasses.fields(cls)}
             unknown = sorted(set(defaults) - known)
             if unknown:
@@ -125,7 +128,7 @@ def load_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise UsageError(f"cannot read config file {path}: {err}") from err
+        raise UsageError(f"cannot read config file {path}: {' '.join(str(err).split())}") from err
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}

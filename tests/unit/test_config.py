@@ -20,6 +20,23 @@ def test_unknown_yaml_key_is_refused(tmp_path, capsys):
     assert exc.value.code == 2 and "sizee" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("entry", ["preprocess", "train", "tune", "evaluate"])
+@pytest.mark.parametrize("text, message", [(None, "cannot read config file"), ("- a\n- b\n", "must hold a mapping"),
+                                           ("a: [\n", "cannot read config file"), ("42\n", "must hold a mapping")])
+def test_a_config_file_missing_or_not_a_mapping_is_one_line_and_exit_2(tmp_path, capsys, entry, text, message):
+    import importlib
+
+    path = tmp_path / "c.yaml"
+    if text is not None:
+        path.write_text(text)
+    main = importlib.import_module(f"pipelines.{entry}").main
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
+
+
 def test_bool_flags_switch_both_ways_and_dict_round_trip():
     cfg = PreprocessConfig.parse_args(["--input", "a", "--output", "b", "--no-draft", "--strict"])
     assert cfg.draft is False and cfg.strict is True
