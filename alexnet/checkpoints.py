@@ -3,13 +3,14 @@ and to evaluate; a finished run's best checkpoint found from its MLflow run."""
 
 from __future__ import annotations
 
+import io
 import math
 import tempfile
 from pathlib import Path
 
 import torch
 
-from alexnet.config import TrainConfig, UsageError
+from alexnet.config import Log, TrainConfig, UsageError
 from alexnet.model import SHAPE_KEYS, build_model, output_layer
 
 CHECKPOINT_FILE = "state.pt"
@@ -31,14 +32,63 @@ def report_with_checkpoint(metrics: dict, state: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+def run_checkpoints(fs, run_dir: str) -> list[str]:
+    """A run folder's checkpoint folders (on `fs`, a pyarrow filesystem), newest first (names carry the time)."""
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
+    return sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_")), reverse=True)
+
+
+def _read_on(fs, folder: str) -> dict:
+    try:
+        with fs.open_input_file(f"{folder}/{CHECKPOINT_FILE}") as f:
+            return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - missing, truncated, or an object weights_only refuses
+        raise UsageError(f"{type(err).__name__}: {str(err)[:200]}") from err
+
+
+def newest_readable(fs, folders: list[str], log: Log = print) -> tuple[dict, str]:
+    """The state of the first readable checkpoint of `folders` (newest first) and its folder. Damaged ones
+    (a truncated state.pt, an interrupted upload) are named in a warning; none readable is a UsageError."""
+    damaged = []
+    for folder in folders:
+        try:
+            state = _read_on(fs, folder)
+        except UsageError as err:
+            damaged.append(f"{folder} ({err})")
+            continue
+        if damaged:
+            log(f"WARNING: checkpoint(s) {'; '.join(damaged)} unreadable: resuming from {folder} "
+                f"(epoch {state['epoch']}); the epochs after it run again")
+        return state, folder
+    raise UsageError("no readable checkpoint to resume from: " + "; ".join(damaged)
+                     + ". Move the run folder away to start afresh, or restore a checkpoint")
+
+
+def check_resumable(storage: str, name: str, log: Log = print) -> None:
+    """Before Ray starts: a rerun whose kept checkpoints are all unreadable is a UsageError naming them."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(f"{storage}/{name}")
+    folders = run_checkpoints(fs, root)
+    if folders:
+        newest_readable(fs, folders, log)
+
+
 def restore_training_state(model, optimizer, scheduler) -> tuple[int, float]:
-    """(epochs done, best val error) from Ray Train's checkpoint after a restart or rerun; (0, inf) on a fresh run."""
+    """(epochs done, best val error) from Ray Train's checkpoint after a restart or rerun; (0, inf) on a fresh run.
+
+    A damaged latest checkpoint falls back to the newest readable one kept beside it."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, math.inf
-    state = load_checkpoint_state(checkpoint)
+    fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    others = [f for f in run_checkpoints(fs, latest.rsplit("/", 1)[0]) if f.rstrip("/") != latest]
+    state, _ = newest_readable(fs, [latest, *others])
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -38,6 +38,8 @@ def detect_layout(root: Path, output: Path, val_labels: Path | None = None) -> L
     out, inp = Path(output).resolve(), root.resolve()
     if out == inp or inp in out.parents:
         raise UsageError(f"output {output} lies inside the input {root}; choose a folder outside it")
+    if out in inp.parents:  # --overwrite would delete the images before reading them
+        raise UsageError(f"input {root} lies inside the output {output}; choose an output folder outside it")
     wnids = tuple(sorted(e.name for e in os.scandir(train) if e.is_dir()))
     if not wnids:
         raise UsageError(f"{train} holds no class folders")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -116,17 +117,21 @@ def table_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             probs.flatten().to_numpy().reshape(n, c))
 
 
-def output_folder(prepared: Prepared) -> str:
-    """Where a member's stored outputs for this validation set live among its run's artifacts."""
-    return f"eval/{prepared.val_fingerprint()}"
+def output_folder(prepared: Prepared, member: Member) -> str:
+    """Where a member's stored outputs for this validation set and these weights live among its run's artifacts.
+
+    Keyed by the checkpoint's location too (Ray Train never rewrites a checkpoint folder): a member extended
+    since (more epochs, a new best checkpoint) is inferred again instead of reusing outputs of old weights."""
+    weights = hashlib.sha1(str(member.checkpoint).encode()).hexdigest()[:8]
+    return f"eval/{prepared.val_fingerprint()}-{weights}"
 
 
 def member_outputs(members: list[Member], prepared: Prepared, cfg: EvalConfig, runs: Runs,
                    log: Log) -> dict[str, dict[str, pa.Table]]:
     """{run id: {mode: output table}}: downloaded where stored, else inferred once and stored."""
-    folder = output_folder(prepared)
     outputs: dict[str, dict[str, pa.Table]] = {}
     for i, m in enumerate(members, 1):
+        folder = output_folder(prepared, m)
         stored = runs.artifact_names(m.run_id, folder)
         have = {}
         for mode in cfg.modes:

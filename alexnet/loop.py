@@ -6,6 +6,7 @@ resumed from `ray.train.get_checkpoint()` after a restart.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -174,6 +175,9 @@ def train_loop_per_worker(config: dict) -> None:
             [t["loss_sum"], t["correct"], t["n"], t["waited"], t["seconds"]], device)
         if n == 0:
             raise RuntimeError(f"no full batch of {per_worker} images per worker: lower --batch-size")
+        if not math.isfinite(loss_sum):  # nothing later can recover: stop instead of training on NaNs
+            raise RuntimeError(f"training diverged in epoch {epoch + 1}: train/loss is {loss_sum / n} "
+                               f"(lower --lr, now {lr:g})")
         metrics: dict[str, Any] = {
             "epoch": epoch + 1, "lr": lr, "train/loss": loss_sum / n, "train/top1_err": 1 - correct / n,
             "images_per_s": n / t["seconds"], "data_wait_frac": waited / busy, "epoch_seconds": t["seconds"],

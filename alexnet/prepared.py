@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from alexnet.config import UsageError
 
@@ -32,6 +33,8 @@ MEAN_IMAGE_PNG = "mean_image.png"
 PCA = "pca.json"
 REJECTS = "rejects.csv"
 WORK_DIR = "_work"
+MARKER = ".alexnet-ray-output"  # written first into a folder preprocessing claims: only such a folder is ever deleted
+MARKER_FORMAT = "alexnet-ray preprocessing output"
 ROW_GROUP_BYTES = 16 << 20      # bounds a task's memory; far below Parquet's 2 GiB limit
 SHARD_SCHEMA = pa.schema([
     ("image", pa.binary()),     # JPEG bytes, size x size RGB
@@ -108,6 +111,53 @@ class Prepared:
         return h.hexdigest()[:12]
 
 
+def is_ours(out: Path) -> bool:
+    """Whether `out` carries the marker preprocessing writes into every folder it claims."""
+    try:
+        return json.loads((Path(out) / MARKER).read_text()).get("format") == MARKER_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_marker(out: Path, version: str) -> None:
+    atomic_write(Path(out) / MARKER, lambda p: p.write_text(json.dumps({"format": MARKER_FORMAT, "version": version})))
+
+
+def shard_manifest(out: Path, shards: list[dict], rows: dict[str, int]) -> dict[str, dict[str, int]]:
+    """summary.json's record of every shard: {relative name: {rows, bytes}}, checked by `check_shards`."""
+    names = [shard_name(s["split"], s["shard"]) for s in shards]
+    return {n: {"rows": rows[n], "bytes": (Path(out) / n).stat().st_size} for n in sorted(names)}
+
+
+def check_shards(path: Path, summary: dict) -> None:
+    """UsageError naming the first shard that is missing, extra, resized or unreadable against summary.json.
+
+    Sizes first (a stat each), then row counts from the Parquet footers: a deleted shard would train
+    on less data, a stray one on data nobody prepared, a truncated one would end the run mid-epoch.
+    """
+    manifest = summary.get("shard_files")
+    if manifest is None:  # outputs written before the manifest existed: nothing to compare with
+        return
+    found = {f"{split}/{p.name}" for split in SPLITS for p in (path / split).glob("*.parquet")}
+    for name in sorted(set(manifest) - found):
+        raise UsageError(f"--data {path}: shard {name} is listed in {SUMMARY} but missing; restore it or "
+                         "preprocess again (--overwrite)")
+    for name in sorted(found - set(manifest)):
+        raise UsageError(f"--data {path}: {name} is not part of this output (not in {SUMMARY}); move it away")
+    for name, want in sorted(manifest.items()):
+        size = (path / name).stat().st_size
+        if size != want["bytes"]:
+            raise UsageError(f"--data {path}: shard {name} has {size:,} bytes, {SUMMARY} says {want['bytes']:,}: "
+                             "damaged or replaced; preprocess again (--overwrite)")
+    for name, want in sorted(manifest.items()):
+        try:
+            rows = pq.read_metadata(path / name).num_rows
+        except (OSError, ValueError) as err:  # ArrowInvalid is a ValueError
+            raise UsageError(f"--data {path}: shard {name} is not a readable Parquet file ({err})") from err
+        if rows != want["rows"]:
+            raise UsageError(f"--data {path}: shard {name} holds {rows} rows, {SUMMARY} says {want['rows']}")
+
+
 def read_prepared(path: Path) -> Prepared:
     """UsageError with the reason when `path` is not a finished preprocessing output with statistics."""
     path = Path(path).resolve()
@@ -122,6 +172,7 @@ def read_prepared(path: Path) -> Prepared:
     for name in (MEAN_IMAGE, PCA, CLASSES):
         if not (path / name).is_file():
             raise UsageError(f"--data {path} lacks {name}: preprocess without --no-stats")
+    check_shards(path, summary)
     pca = json.loads((path / PCA).read_text())
     train_files = sorted(str(p) for p in (path / "train").glob("*.parquet"))
     if not train_files:

@@ -30,9 +30,9 @@ from alexnet.config import Log, PreprocessConfig, UsageError
 from alexnet.datasets import one_stage
 from alexnet.imagenet import Layout, detect_layout, list_files, read_synset_names
 from alexnet.imaging import BadImage, decode_rgb, encode_jpeg, resize_center_crop
-from alexnet.prepared import (CLASSES, MEAN_IMAGE, MEAN_IMAGE_PNG, PCA, REJECTS, ROW_GROUP_BYTES, SHARD_SCHEMA,
-                              SPLITS, SUMMARY, WORK_DIR, atomic_write, classes_text, rejects_text, save_npy,
-                              shard_name)
+from alexnet.prepared import (CLASSES, MARKER, MEAN_IMAGE, MEAN_IMAGE_PNG, PCA, REJECTS, ROW_GROUP_BYTES,
+                              SHARD_SCHEMA, SPLITS, SUMMARY, WORK_DIR, atomic_write, classes_text, is_ours,
+                              rejects_text, save_npy, shard_manifest, shard_name, write_marker)
 from alexnet.stats import PixelMoments
 
 
@@ -151,21 +151,25 @@ def _shard_done(out: Path, split: str, shard: int) -> bool:
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse to touch a finished or foreign folder unless --overwrite; clean stale temporaries."""
+    """Claim `out` (an empty or new folder, or one of ours), clean stale temporaries; --overwrite empties one
+    of ours. A folder is ours only if it carries MARKER: a stray summary.json proves nothing."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a folder")
-    ours = (out / SUMMARY).exists() or (out / WORK_DIR).is_dir()
     if out.is_dir() and any(out.iterdir()):
+        if not is_ours(out):
+            raise UsageError(f"output folder {out} is not empty and not a preprocessing output (no {MARKER}; "
+                             "outputs written before the marker existed lack it too: delete such a folder yourself); "
+                             f"{'--overwrite deletes only folders this project wrote; ' if overwrite else ''}"
+                             "choose an empty or new folder")
         if overwrite:
-            if not ours:
-                raise UsageError(f"--overwrite refuses to delete {out}: it is not a preprocessing output")
             shutil.rmtree(out)
         elif (out / SUMMARY).exists():
             raise UsageError(f"{out} holds a finished preprocessing output; pass --overwrite to redo it")
-        elif not ours:
-            raise UsageError(f"output folder {out} is not empty and not a preprocessing output")
+    out.mkdir(parents=True, exist_ok=True)
+    if not is_ours(out):
+        write_marker(out, alexnet.__version__)
     for sub in ("train", "val", WORK_DIR):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+        (out / sub).mkdir(exist_ok=True)
         for tmp in (out / sub).glob(".*.tmp"):
             tmp.unlink()
 
@@ -253,9 +257,11 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
     rejects_by_split = {s: [] for s in SPLITS}
     shards_per_node: dict[str, int] = {}
     moments = PixelMoments.zeros(cfg.size) if cfg.stats else None
+    rows_by_shard: dict[str, int] = {}
     for s in plan["shards"]:
         result = json.loads((work / f"{s['split']}-{s['shard']:05d}.json").read_text())
         rows[s["split"]] += result["rows"]
+        rows_by_shard[shard_name(s["split"], s["shard"])] = result["rows"]
         node = result.get("node") or "unknown"
         shards_per_node[node] = shards_per_node.get(node, 0) + 1
         rejects_by_split[s["split"]] += [tuple(r) for r in result["rejects"]]
@@ -298,6 +304,7 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
         "rejects": {s: len(rejects_by_split[s]) for s in SPLITS},
         "shards": {s: sum(1 for x in plan["shards"] if x["split"] == s) for s in SPLITS},
         "rows_per_shard": plan["rows_per_shard"],
+        "shard_files": shard_manifest(out, plan["shards"], rows_by_shard),
         "num_classes": len(keep),
         "shards_per_node": shards_per_node,  # Ray node id -> shards it wrote
         "seconds": round(seconds, 3),

@@ -36,19 +36,35 @@ def absolute_uri(uri: str) -> str:
 
 
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, not after MLflow's retries, when a tracking server does not answer."""
+    """Fail in seconds, not after MLflow's retries, when a tracking server does not answer or refuses us."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
                 resp.read()
-        except urllib.error.HTTPError:
-            pass  # it answered (e.g. 401 behind basic auth): reachable
+        except urllib.error.HTTPError as err:
+            _refuse_auth(uri, err.code)  # a proxy guarding everything; any other answer: reachable
         except (urllib.error.URLError, OSError) as err:
             raise UsageError(f"MLflow tracking server {uri} is unreachable: {err}") from err
+        # /health answers everyone (basic auth leaves it open): ask what the runs will ask, with our credentials
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
+
+        resp = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                            max_retries=0, timeout=timeout_s, raise_on_status=False, params={"max_results": 1})
+        _refuse_auth(uri, resp.status_code)
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
             raise UsageError(f"folder of the MLflow store {uri} does not exist")
+
+
+def _refuse_auth(uri: str, status: int) -> None:
+    if status == 401:
+        raise UsageError(f"MLflow tracking server {uri} requires authentication: set MLFLOW_TRACKING_USERNAME and "
+                         "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account of that server")
+    if status == 403:
+        raise UsageError(f"MLflow tracking server {uri} refuses this account (403 Forbidden): it may not read "
+                         "experiments; ask the server's admin for access")
 
 
 def git_commit() -> str | None:

@@ -12,8 +12,8 @@ import math
 import time
 from pathlib import Path
 
-from alexnet.checkpoints import (load_checkpoint_state, load_initial_weights, model_from_state, read_state,
-                                 resolve_init_from)
+from alexnet.checkpoints import (check_resumable, load_checkpoint_state, load_initial_weights, model_from_state,
+                                 read_state, resolve_init_from)
 from alexnet.config import Log, TrainConfig, UsageError
 from alexnet.prepared import Prepared, read_prepared
 
@@ -123,10 +123,36 @@ def run_members(cfg: TrainConfig, log: Log = print) -> list[dict]:
     for i in range(cfg.seeds):
         seed = cfg.seed + i
         member = dataclasses.replace(cfg, seed=seed, seeds=1, run_name=f"{group}-seed{seed}")
+        done = finished_member(member)
+        if done is not None:
+            log(f"ensemble {group}: member {i + 1}/{cfg.seeds} ({member.run_name}) has finished its "
+                f"{cfg.epochs} epochs: left as it is (MLflow run {done['mlflow_run_id']})")
+            summaries.append(done)
+            continue
         log(f"ensemble {group}: member {i + 1}/{cfg.seeds} (seed {seed})")
         summaries.append(run_training(member, log, tags={
             "ensemble_group": group, "ensemble_member": str(i), "ensemble_members": str(cfg.seeds)}))
     return summaries
+
+
+def finished_member(cfg: TrainConfig) -> dict | None:
+    """The summary of this run if it already FINISHED all of cfg.epochs, read from MLflow; else None."""
+    from alexnet.tracking import Runs, resolve_tracking_uri
+
+    runs = Runs(resolve_tracking_uri(cfg.tracking_uri))
+    run = runs.find(runs.experiment_id(cfg.experiment),
+                    {"ray_run_name": cfg.run_name, "ray_storage": storage_path(cfg.storage_path)})
+    if run is None or run.info.status != "FINISHED":
+        return None
+    epochs = [step for step, _ in runs.metric_history(run.info.run_id, "epoch")]
+    if not epochs or max(epochs) < cfg.epochs:  # a larger --epochs extends it
+        return None
+    errors = runs.metric_history(run.info.run_id, "val/top1_err")
+    return {"mlflow_run_id": run.info.run_id, "run_name": cfg.run_name, "resumed": False, "left_as_it_is": True,
+            "model_uri": run.data.tags.get("model_uri", "(see the run's logged model)"),
+            "best_val_top1_err": run.data.metrics.get("best_val_top1_err", math.nan),
+            "best_epoch": min(errors, key=lambda e: e[1])[0] if errors else max(epochs),
+            "final_metrics": {}, "checkpoint": run.data.tags.get("best_checkpoint")}
 
 
 def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None = None) -> dict:
@@ -136,8 +162,9 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
     from alexnet.reporting import TrainingReporter, log_final_artifacts, open_training_run
     from alexnet.tracking import Runs
 
-    prepared, uri, storage = preflight(cfg, log=log)
     name = cfg.run_name or time.strftime("alexnet-%Y%m%d-%H%M%S")
+    check_resumable(storage_path(cfg.storage_path), name, log)  # a rerun with no readable checkpoint: exit 2 now
+    prepared, uri, storage = preflight(cfg, log=log)
     runs = Runs(uri)
     tags = dict(tags or {}) | ({"init_from_checkpoint": str(resolve_init_from(cfg))} if cfg.init_from else {})
     run_id, resumed = open_training_run(runs, cfg, name, storage, prepared, log, tags)
@@ -160,7 +187,7 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
     state = load_checkpoint_state(best)
     model_uri = log_final_artifacts(runs, run_id, model_from_state(state, prepared.num_classes))
     final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    runs.set_tags(run_id, {"best_checkpoint": best.path})
+    runs.set_tags(run_id, {"best_checkpoint": best.path, "model_uri": model_uri})
     runs.finish(run_id)
     return {"mlflow_run_id": run_id, "run_name": name, "resumed": resumed, "model_uri": model_uri,
             "best_val_top1_err": state["best_top1_err"], "best_epoch": state["epoch"],

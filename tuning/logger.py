@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from ray import tune
 
@@ -68,5 +69,15 @@ class MlflowSweepLogger(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_id(trial)
-        self.runs.set_tags(run_id, {"error": str(getattr(trial, "error_file", "") or "trial failed")})
+        self.runs.set_tags(run_id, {"error": trial_error(trial)})
         self.runs.finish(run_id, "FAILED")
+
+
+def trial_error(trial) -> str:
+    """The end of a failed trial's error text (Tune keeps it in a file), where the reason is."""
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text().strip() if path else ""
+    except OSError:
+        text = ""
+    return text[-3000:] or str(path or "trial failed")

@@ -75,6 +75,32 @@ def validate_space(space: dict[str, Any], source: str = "search space") -> dict[
     return out
 
 
+def _probes(kind: str, args: list) -> list:
+    """The values a distribution can produce at its edges (every value of a list)."""
+    if kind in LISTS:
+        return list(args)
+    low, high = args
+    if kind == "randint":  # [low, high)
+        return [low, high - 1]
+    return [low, high - (high - low) * 1e-9]  # uniform, loguniform: [low, high)
+
+
+def check_space(space: dict[str, dict], base: TrainConfig, stored_size: int, source: str = "search space") -> None:
+    """Before Ray starts: every edge and choice of `space`, set on the base config, passes the training config's
+    own checks and fits the data (crops within the stored images); else a UsageError naming the key."""
+    for key, spec in space.items():
+        (kind, args), = spec.items()
+        for value in _probes(kind, args):
+            try:
+                cfg = base.with_overrides({key: value})
+            except (UsageError, ValueError, TypeError) as err:
+                raise UsageError(f"{source}: {key}: {kind} {args} can give {value!r}, which training refuses: "
+                                 f"{err}") from err
+            if cfg.image_size > stored_size:
+                raise UsageError(f"{source}: {key}: {kind} {args} can give image_size {cfg.image_size}, larger "
+                                 f"than the stored images ({stored_size} px)")
+
+
 def to_tune(space: dict[str, dict]) -> dict[str, Any]:
     """Ray Tune's param_space entries."""
     from ray import tune

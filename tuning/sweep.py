@@ -14,7 +14,7 @@ from pathlib import Path
 
 from alexnet.config import Log, SweepConfig, TrainConfig, UsageError
 from alexnet.model import ModelConfig
-from alexnet.prepared import Prepared
+from alexnet.prepared import Prepared, read_prepared
 from alexnet.train import build_trainer, not_granted, per_worker_resources, preflight, run_config
 
 METRIC = "val/top1_err"
@@ -79,10 +79,11 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
 
     from alexnet.tracking import Runs
     from tuning.logger import MlflowSweepLogger, open_parent_run
-    from tuning.space import load_space, to_tune
+    from tuning.space import check_space, load_space, to_tune
 
     space = load_space(cfg.space, grid=cfg.search == "grid")
     base = cfg.train_config()
+    check_space(space, base, read_prepared(base.data).size, source=str(cfg.space or "search space"))
     prepared, uri, storage = preflight(base, driver_cpus=TRIAL_CPUS, log=log)
     if not prepared.val_files:
         raise UsageError(f"a sweep ranks trials by {METRIC}: {prepared.path} has no validation split")

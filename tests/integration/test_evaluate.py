@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from alexnet.augment import Normalizer, decode_images, eval_views
 from alexnet.config import PreprocessConfig
 from alexnet.checkpoints import checkpoint_of_run, model_from_state, read_state
 from alexnet.ensemble import topk_errors
-from alexnet.inference import table_arrays
+from alexnet.inference import output_folder, table_arrays
+from alexnet.members import member_from_run
 from alexnet.prepared import read_prepared
 from pipelines import evaluate as eval_cli
 from pipelines import train as train_cli
@@ -28,12 +30,16 @@ EXPERIMENT = "members-test"
 
 
 @pytest.fixture(scope="module")
-def members(learnable, mlflow_uri, tmp_path_factory) -> list[str]:
-    """Three 2-epoch members alike but for their seeds: run ids in seed order."""
+def trio_argv(learnable, tmp_path_factory) -> list[str]:
     storage = tmp_path_factory.mktemp("members")
-    argv = ["--data", str(learnable), "--seeds", "3", "--seed", "10", "--epochs", "2", "--run-name", "trio",
+    return ["--data", str(learnable), "--seeds", "3", "--seed", "10", "--epochs", "2", "--run-name", "trio",
             "--experiment", EXPERIMENT, "--storage-path", str(storage), *SMALL_TRAIN_ARGS]
-    assert train_cli.main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def members(trio_argv, mlflow_uri) -> list[str]:
+    """Three 2-epoch members alike but for their seeds: run ids in seed order."""
+    assert train_cli.main(trio_argv) == 0
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([exp.experiment_id], filter_string="tags.ensemble_group = 'trio'")
@@ -49,6 +55,10 @@ def _eval_runs(uri: str, parent_id: str) -> dict[tuple[int, str], object]:
     exp = client.get_experiment_by_name("ensembles")
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
     return {(int(r.data.tags["ensemble_size"]), r.data.tags["crops"]): r for r in children}
+
+
+def _folder(uri: str, run_id: str, prepared) -> str:
+    return output_folder(prepared, member_from_run(MlflowClient(uri).get_run(run_id), prepared))
 
 
 def _stored(uri: str, run_id: str, folder: str, mode: str, tmp: Path):
@@ -71,9 +81,9 @@ def test_ensembles_equal_numpy_averaging_of_the_stored_outputs(members, learnabl
 
     # an independent numpy averaging of the stored per-member outputs gives the logged numbers
     prepared = read_prepared(learnable)
-    folder = f"eval/{prepared.val_fingerprint()}"
     for mode in ("center", "10crop"):
-        stored = {r: _stored(mlflow_uri, r, folder, mode, tmp_path / mode / r) for r in members}
+        stored = {r: _stored(mlflow_uri, r, _folder(mlflow_uri, r, prepared), mode, tmp_path / mode / r)
+                  for r in members}
         paths, labels, _ = stored[members[0]]
         assert len(paths) == 48 and list(paths) == sorted(paths)  # every val image, once, in path order
         for size, key in ((3, "all"), (2, "pair")):
@@ -150,13 +160,14 @@ def test_a_second_evaluation_reuses_the_stored_outputs(members, learnable, mlflo
     assert eval_cli.main([*first, "--run-name", "reuse-1"]) == 0
     capsys.readouterr()
     prepared = read_prepared(learnable)
-    folder = f"eval/{prepared.val_fingerprint()}"
     client = MlflowClient(mlflow_uri)
-    before = {r: [(a.path, a.file_size) for a in client.list_artifacts(r, folder)] for r in members}
+    folders = {r: _folder(mlflow_uri, r, prepared) for r in members}
+    before = {r: [(a.path, a.file_size) for a in client.list_artifacts(r, folders[r])] for r in members}
+    assert all(before.values())
     assert eval_cli.main([*first, "--run-name", "reuse-2"]) == 0
     out = capsys.readouterr().out
     assert "inference" not in out and out.count("stored outputs reused") == 3
-    assert {r: [(a.path, a.file_size) for a in client.list_artifacts(r, folder)] for r in members} == before
+    assert {r: [(a.path, a.file_size) for a in client.list_artifacts(r, folders[r])] for r in members} == before
     exp = client.get_experiment_by_name("ensembles").experiment_id
     errors = []
     for name in ("reuse-1", "reuse-2"):
@@ -224,3 +235,41 @@ def test_fine_tuning_from_a_member_with_a_new_class_count(members, three_classes
     assert eval_cli.main(["--data", str(three_classes), "--runs", members[0], run_id, "--sizes", "1",
                           "--figure4", "0"]) == 2
     assert "another class list" in capsys.readouterr().err
+
+
+def test_rerunning_the_members_command_leaves_finished_members_untouched(members, trio_argv, mlflow_uri, capsys):
+    """Measured before: the rerun re-opened every finished run, started Ray Train and logged another model."""
+    client = MlflowClient(mlflow_uri)
+    before = {r: client.get_run(r) for r in members}
+    models = {r: len(client.search_logged_models(experiment_ids=[before[r].info.experiment_id],
+                                                 filter_string=f"source_run_id = '{r}'")) for r in members}
+    start = time.time()
+    assert train_cli.main(trio_argv) == 0
+    out = capsys.readouterr().out
+    assert time.time() - start < 20  # no Ray Train run started
+    assert out.count("epochs: left as it is") == 3, out
+    for r in members:
+        run = client.get_run(r)
+        assert run.info.status == "FINISHED" and run.info.end_time == before[r].info.end_time
+        assert len(client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                               filter_string=f"source_run_id = '{r}'")) == models[r] == 1
+        assert f"MLflow run id: {r}" in out
+
+
+def test_a_member_whose_weights_changed_is_inferred_again(members, learnable, mlflow_uri, capsys):
+    """Stored outputs were keyed by the validation set only: after a member was extended (same run, a new
+    best checkpoint) the next evaluation reused outputs of weights that no longer existed."""
+    client = MlflowClient(mlflow_uri)
+    argv = ["--data", str(learnable), "--runs", *members, "--sizes", "3", "--crops", "center", "--figure4", "0"]
+    assert eval_cli.main([*argv, "--run-name", "before-change"]) == 0
+    best = client.get_run(members[0]).data.tags["best_checkpoint"]
+    other = sorted(str(c) for c in Path(best).parent.glob("checkpoint_*") if str(c) != best)[0]
+    client.set_tag(members[0], "best_checkpoint", other)  # what finishing an extended run does
+    try:
+        capsys.readouterr()
+        assert eval_cli.main([*argv, "--run-name", "after-change"]) == 0
+        out = capsys.readouterr().out
+        name = client.get_run(members[0]).data.tags["mlflow.runName"]
+        assert f"{name}: inference (center)" in out and out.count("stored outputs reused") == 2, out
+    finally:
+        client.set_tag(members[0], "best_checkpoint", best)

@@ -262,14 +262,13 @@ def test_the_preprocessing_rayjob_entrypoint_as_written_runs_through_job_submiss
 # ------------------------------------------------------------- a real MLflow tracking server
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """infra/mlflow/serve.sh with its defaults but a free port and a temporary store."""
-    work = tmp_path_factory.mktemp("mlflow-server")
+@contextlib.contextmanager
+def _serve(work: Path, **extra: str):
+    """infra/mlflow/serve.sh with its defaults but a free port and a temporary store (plus `extra` env)."""
     (port,) = _free_ports(1)
     env = dict(os.environ, MLFLOW_PORT=str(port), MLFLOW=str(BIN / "mlflow"), MLFLOW_WORKERS="1",
                MLFLOW_BACKEND_STORE_URI=f"sqlite:///{work / 'server.db'}",
-               MLFLOW_ARTIFACTS_DESTINATION=str(work / "artifacts"))
+               MLFLOW_ARTIFACTS_DESTINATION=str(work / "artifacts"), **extra)
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(work / "server.log", "w")
     proc = subprocess.Popen([str(ROOT / "infra" / "mlflow" / "serve.sh")], env=env, cwd=work,
@@ -292,6 +291,37 @@ def mlflow_server(tmp_path_factory):
     finally:
         _stop(proc)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    with _serve(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
+
+
+def test_a_server_with_basic_auth_refuses_a_driver_without_an_account_before_any_ray_work(
+        tmp_path, prepared, capsys, monkeypatch):
+    """serve.sh with MLFLOW_AUTH=basic: /health answers everyone, so only an authenticated request tells
+    whether the runs would be refused; missing or wrong credentials are one line and exit 2."""
+    from alexnet.tracking import check_tracking_uri
+
+    password = os.urandom(12).hex()
+    with _serve(tmp_path, MLFLOW_AUTH="basic", MLFLOW_AUTH_ADMIN_PASSWORD=password) as server:
+        url = server["url"]
+        for creds in ({}, {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"}):
+            for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                monkeypatch.delenv(k, raising=False)
+            for k, v in creds.items():
+                monkeypatch.setenv(k, v)
+            start = time.monotonic()
+            assert train_cli.main(["--data", str(prepared[0]), "--tracking-uri", url,
+                                   "--storage-path", str(tmp_path / "ckpt")]) == 2
+            err = capsys.readouterr().err
+            assert f"error: MLflow tracking server {url} requires authentication: set MLFLOW_TRACKING_USERNAME" in err
+            assert time.monotonic() - start < 15 and not (tmp_path / "ckpt").exists()
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        check_tracking_uri(url)  # the admin's account passes
 
 
 def test_mlflow_server_listens_on_loopback_only_by_default(mlflow_server):

@@ -156,8 +156,11 @@ def test_killed_half_way_then_rerun_gives_no_duplicates_and_no_missing_rows(tmp_
 
 def test_rerun_with_other_arguments_on_an_unfinished_output_is_refused(tmp_path, sample_tree, ray_cluster,
                                                                         mlflow_uri, capsys):
+    from alexnet.prepared import write_marker
+
     out = tmp_path / "out"
     (out / "_work").mkdir(parents=True)
+    write_marker(out, "0.1.0")  # an unfinished output of ours: the marker is written before anything else
     (out / "_work" / "plan.json").write_text(json.dumps({"fingerprint": "other", "shards": []}))
     assert cli.main(["--input", str(sample_tree[0]), "--output", str(out), "--size", "32"]) == 2
     assert "unfinished job" in capsys.readouterr().err

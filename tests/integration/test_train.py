@@ -165,3 +165,60 @@ def test_workers_the_cluster_never_grants_fail_the_run_within_the_bound_saying_w
     assert took < 8 + 60, took  # the bound, plus Ray Train's start-up
     run = MlflowClient(mlflow_uri).get_run(_run_id(mlflow_uri, "starved"))
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("waited 8 s for 1 worker(s)")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("delete", "shard train/part-00000.parquet is listed in summary.json but missing"),
+    ("extra", "train/part-99999.parquet is not part of this output (not in summary.json)"),
+    ("truncate", "shard train/part-00000.parquet has "),
+    ("garble", "shard train/part-00000.parquet is not a readable Parquet file"),
+])
+def test_shards_that_disagree_with_the_summary_exit_2_naming_the_shard_before_ray_work(
+        learnable, small_args, tmp_path, capsys, damage, message):
+    """A deleted shard trained silently on less data, a stray one was read, a truncated one ended the run
+    with a bare ArrowInvalid: each is now refused before training, naming the shard."""
+    data = tmp_path / "data"
+    shutil.copytree(learnable, data)
+    shard = data / "train" / "part-00000.parquet"
+    if damage == "delete":
+        shard.unlink()
+    elif damage == "extra":
+        shutil.copy(shard, data / "train" / "part-99999.parquet")
+    elif damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    else:  # same size, other bytes: an interrupted copy, a disk error
+        shard.write_bytes(b"x" * shard.stat().st_size)
+    start = time.time()
+    assert cli.main(["--data", str(data), "--storage-path", str(tmp_path / "ckpt"), *small_args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert time.time() - start < 15
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_readable_one(learnable, small_args, mlflow_uri,
+                                                                           tmp_path, capsys):
+    storage = tmp_path / "ckpt"
+    common = ["--data", str(learnable), "--run-name", "damaged", "--storage-path", str(storage), *small_args]
+    assert cli.main([*common, "--epochs", "3"]) == 0
+    folders = sorted(c for c in (storage / "damaged").glob("checkpoint_*") if c.is_dir())
+    epochs = {torch.load(c / "state.pt", weights_only=True)["epoch"]: c for c in folders}
+    assert sorted(epochs) == [1, 2, 3]
+    latest = epochs[3] / "state.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # an interrupted upload
+    capsys.readouterr()
+    assert cli.main([*common, "--epochs", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"WARNING: checkpoint(s) {epochs[3]} (" in out and f"resuming from {epochs[2]} (epoch 2)" in out, out
+    run_id = _run_id(mlflow_uri, "damaged")
+    # the worker resumed after epoch 2, not from scratch and not from the damaged epoch 3
+    assert [s for s, _ in _history(mlflow_uri, run_id, "epoch")] == [1, 2, 3, 3, 4]
+
+    kept = [c for c in (storage / "damaged").glob("checkpoint_*") if c.is_dir()]
+    for folder in kept:  # now every kept checkpoint is damaged
+        (folder / "state.pt").write_bytes(b"")
+    start = time.time()
+    assert cli.main([*common, "--epochs", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "error: no readable checkpoint to resume from: " in err and all(str(c) in err for c in kept), err
+    assert time.time() - start < 10

@@ -165,3 +165,33 @@ def test_a_sweep_on_its_own_local_ray_beside_another_instance_and_a_dead_cluster
     children = _children(uri, parent.info.run_id)
     assert parent.info.status == "FINISHED" and len(children) == 3
     assert sorted(c.data.tags["stopped_early"] for c in children) == ["False", "False", "True"]
+
+
+def test_a_space_training_would_refuse_exits_2_before_ray_naming_the_key(learnable, tmp_path, capsys):
+    """Measured before the check: `dropout: {uniform: [0.5, 1.5]}` failed trial by trial, exit 65 after 67 s."""
+    (tmp_path / "space.yaml").write_text("dropout: {uniform: [0.5, 1.5]}\n")
+    start = time.time()
+    assert cli.main(["--data", str(learnable), "--space", str(tmp_path / "space.yaml"),
+                     "--storage-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "dropout: uniform [0.5, 1.5] can give" in err and "within [0, 1)" in err, err
+    assert time.time() - start < 10 and not list(tmp_path.glob("sweep-*"))
+
+
+def test_a_failing_trial_is_a_failed_child_with_its_reason_the_others_finish_and_the_exit_code_counts_it(
+        learnable, small_args, mlflow_uri, tmp_path, capsys):
+    """lr 1e6 diverges in its first epoch (train/loss nan): that trial fails with the reason, the other
+    finishes, the parent is FAILED with failed_trials 1, and the exit code is 64 + 1."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"lr": {"grid": [0.01, 1.0e6]}}))
+    argv = ["--data", str(learnable), *small_args, "--epochs", "2", "--num-samples", "1", "--search", "grid",
+            "--space", str(tmp_path / "space.yaml"), "--scheduler", "none", "--max-concurrent", "1",
+            "--max-failures", "0", "--sweep-name", "one-fails", "--storage-path", str(tmp_path)]
+    assert cli.main(argv) == 65
+    assert "error: 1 trial(s) failed" in capsys.readouterr().err
+    parent = _parent(mlflow_uri, "one-fails")
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_trials"] == "1"
+    children = {float(c.data.params["lr"]): c for c in _children(mlflow_uri, parent.info.run_id)}
+    assert set(children) == {0.01, 1e6}
+    assert children[0.01].info.status == "FINISHED"
+    assert children[1e6].info.status == "FAILED" and "training diverged in epoch 1" in children[1e6].data.tags["error"]
+    assert json.loads(parent.data.tags["best_config"])["lr"] == 0.01

@@ -40,3 +40,33 @@ def test_bad_spaces_are_refused(space, message):
     with pytest.raises(UsageError, match=message):
         validate_space(space)
 
+
+
+BASE = dict(data="d", width=0.25, image_size=64, batch_size=32, num_workers=2)
+
+
+@pytest.mark.parametrize("space, names", [
+    ({"dropout": {"uniform": [0.5, 1.5]}}, ["dropout", "within [0, 1)"]),
+    ({"image_size": {"choice": [64, 96]}}, ["image_size", "image_size 96, larger than the stored images (72 px)"]),
+    ({"batch_size": {"choice": [32, 33]}}, ["batch_size", "can give 33", "multiple of --num-workers 2"]),
+    ({"lr": {"choice": [0.01, "x"]}}, ["lr", "can give 'x'", "expected float"]),
+    ({"batch_size": {"uniform": [16, 64]}}, ["batch_size", "expected int"]),
+    ({"weight_decay": {"uniform": [-0.1, 0.1]}}, ["weight_decay", "--weight-decay >= 0"]),
+])
+def test_a_space_that_can_give_a_value_training_refuses_is_refused_naming_the_key(space, names):
+    from alexnet.config import TrainConfig
+    from tuning.space import check_space
+
+    with pytest.raises(UsageError) as err:
+        check_space(validate_space(space), TrainConfig.from_dict(BASE), stored_size=72)
+    for name in names:
+        assert name in str(err.value), str(err.value)
+
+
+def test_a_space_within_every_rule_passes_including_an_open_upper_bound():
+    from alexnet.config import TrainConfig
+    from tuning.space import check_space
+
+    space = validate_space({"dropout": {"uniform": [0.0, 1.0]}, "lr": {"loguniform": [0.001, 0.1]},
+                            "batch_size": {"grid": [32, 64]}, "image_size": {"randint": [63, 73]}})
+    check_space(space, TrainConfig.from_dict(BASE), stored_size=72)  # uniform never gives 1.0, randint never 73

@@ -1,0 +1,58 @@
+"""--overwrite deletes only folders preprocessing claimed (its marker), and never an input inside the output."""
+
+from __future__ import annotations
+
+import pytest
+
+from alexnet.config import UsageError
+from alexnet.imagenet import detect_layout
+from alexnet.preprocess import prepare_output
+from alexnet.prepared import MARKER, is_ours
+from alexnet.sample import SampleConfig, make_sample
+
+
+def _files(folder):
+    return sorted(p.relative_to(folder) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_with_a_stray_summary_json_is_never_deleted(tmp_path, overwrite):
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    (out / "thesis.tex").write_text("\\documentclass{article}")
+    (out / "_work").mkdir()
+    before = _files(out)
+    with pytest.raises(UsageError, match="not a preprocessing output"):
+        prepare_output(out, overwrite=overwrite)
+    assert _files(out) == before and (out / "thesis.tex").read_text().startswith("\\documentclass")
+
+
+def test_an_output_of_ours_is_emptied_by_overwrite_and_refused_without(tmp_path):
+    out = tmp_path / "prepared"
+    prepare_output(out, overwrite=False)  # a new folder is claimed: the marker comes first
+    assert is_ours(out) and (out / "train").is_dir()
+    (out / "summary.json").write_text("{}")
+    (out / "train" / "part-00000.parquet").write_bytes(b"old")
+    with pytest.raises(UsageError, match="finished preprocessing output; pass --overwrite"):
+        prepare_output(out, overwrite=False)
+    prepare_output(out, overwrite=True)
+    assert is_ours(out) and not (out / "summary.json").exists() and not any((out / "train").iterdir())
+
+
+def test_a_forged_or_foreign_marker_does_not_make_a_folder_ours(tmp_path):
+    (tmp_path / MARKER).write_text('{"format": "something else"}')
+    (tmp_path / "notes.txt").write_text("mine")
+    assert not is_ours(tmp_path)
+    with pytest.raises(UsageError):
+        prepare_output(tmp_path, overwrite=True)
+    assert (tmp_path / "notes.txt").exists()
+
+
+def test_an_input_inside_the_output_is_refused_before_anything_is_touched(tmp_path):
+    out = tmp_path / "out"
+    make_sample(SampleConfig(output=out / "imagenet", num_classes=2, train_per_class=2, val_per_class=1))
+    before = _files(out)
+    with pytest.raises(UsageError, match="lies inside the output"):
+        detect_layout(out / "imagenet", out)
+    assert _files(out) == before
