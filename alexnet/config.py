@@ -25,6 +25,13 @@ class UsageError(ValueError):
     """Wrong input from the user: reported in one line, exit code 2, before any Ray work."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) ended the job: its MLflow runs are KILLED, its state resumable; exit code 130."""
+
+
+INTERRUPTED_EXIT = 130
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:

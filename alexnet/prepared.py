@@ -11,15 +11,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -121,6 +125,43 @@ def is_ours(out: Path) -> bool:
 
 def write_marker(out: Path, version: str) -> None:
     atomic_write(Path(out) / MARKER, lambda p: p.write_text(json.dumps({"format": MARKER_FORMAT, "version": version})))
+
+
+LOCK = ".alexnet-ray-lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, log: Callable[[str], None] = print) -> Iterator[None]:
+    """One job at a time in `out`: OUT/.alexnet-ray-lock (host, pid, start time), released when the job ends.
+
+    A lock left by a dead process of this host is taken over with a message; a live one, or one from another
+    host (whose process cannot be checked from here), is a UsageError saying who holds it.
+    """
+    path = Path(out) / LOCK
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            who = f"{holder.get('host', '?')} pid {holder.get('pid', '?')} since {holder.get('started', '?')}"
+            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
+                    and not psutil.pid_exists(holder["pid"]):
+                log(f"taking over {path}: its job ({who}) is no longer running")
+                path.unlink(missing_ok=True)
+                continue
+            raise UsageError(f"another preprocessing job ({who}) is writing {out}; wait for it to end (if it is "
+                             f"dead on another machine, delete {path})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def shard_manifest(out: Path, shards: list[dict], rows: dict[str, int]) -> dict[str, dict[str, int]]:

@@ -28,11 +28,12 @@ import alexnet
 from alexnet.cluster import connect_ray, watched
 from alexnet.config import Log, PreprocessConfig, UsageError
 from alexnet.datasets import one_stage
-from alexnet.imagenet import Layout, detect_layout, list_files, read_synset_names
+from alexnet.imagenet import (Layout, classes_all_rejected, detect_layout, fs_path, list_files,
+                              read_synset_names, read_with_retries)
 from alexnet.imaging import BadImage, decode_rgb, encode_jpeg, resize_center_crop
 from alexnet.prepared import (CLASSES, MARKER, MEAN_IMAGE, MEAN_IMAGE_PNG, PCA, REJECTS, ROW_GROUP_BYTES,
-                              SHARD_SCHEMA, SPLITS, SUMMARY, WORK_DIR, atomic_write, classes_text, is_ours,
-                              rejects_text, save_npy, shard_manifest, shard_name, write_marker)
+                              LOCK, SHARD_SCHEMA, SPLITS, SUMMARY, WORK_DIR, atomic_write, classes_text, is_ours,
+                              output_lock, rejects_text, save_npy, shard_manifest, shard_name, write_marker)
 from alexnet.stats import PixelMoments
 
 
@@ -56,7 +57,7 @@ def _estimate_bytes_per_image(root: Path, paths: list[str], cfg: PreprocessConfi
     sizes = []
     for i in rng.permutation(len(paths))[:16]:
         try:
-            pixels = resize_center_crop(decode_rgb((root / paths[i]).read_bytes(), cfg.size, cfg.draft), cfg.size)
+            pixels = resize_center_crop(decode_rgb(fs_path(root, paths[i]).read_bytes(), cfg.size, cfg.draft), cfg.size)
             sizes.append(len(encode_jpeg(pixels, cfg.quality)))
         except (BadImage, OSError):
             continue
@@ -104,12 +105,12 @@ def process_shard_per_worker(row: dict, *, root: str, out: str, size: int, quali
                               compression={"image": "none", "label": "zstd", "wnid": "zstd", "path": "zstd"}) as writer:
             for path, label, wnid in zip(row["paths"], row["labels"], row["wnids"]):
                 try:
-                    pixels = resize_center_crop(decode_rgb((Path(root) / path).read_bytes(), size, draft), size)
+                    pixels = resize_center_crop(decode_rgb(read_with_retries(fs_path(root, path)), size, draft), size)
                 except BadImage as err:
                     rejects.append([str(path), str(err)])
                     continue
                 except OSError as err:
-                    rejects.append([str(path), f"unreadable: {err.strerror or err}"])
+                    rejects.append([str(path), str(err)])
                     continue
                 jpeg = encode_jpeg(pixels, quality)
                 for name, value in zip(SHARD_SCHEMA.names, (jpeg, int(label), str(wnid), str(path))):
@@ -150,22 +151,29 @@ def _shard_done(out: Path, split: str, shard: int) -> bool:
 # ---------------------------------------------------------------- the job
 
 
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Claim `out` (an empty or new folder, or one of ours), clean stale temporaries; --overwrite empties one
-    of ours. A folder is ours only if it carries MARKER: a stray summary.json proves nothing."""
+def check_claimable(out: Path, overwrite: bool) -> None:
+    """Refuse, touching nothing, a non-folder, or a non-empty folder that is not ours. A folder is ours only if
+    it carries MARKER: a stray summary.json proves nothing."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not is_ours(out):
-            raise UsageError(f"output folder {out} is not empty and not a preprocessing output (no {MARKER}; "
-                             "outputs written before the marker existed lack it too: delete such a folder yourself); "
-                             f"{'--overwrite deletes only folders this project wrote; ' if overwrite else ''}"
-                             "choose an empty or new folder")
-        if overwrite:
-            shutil.rmtree(out)
-        elif (out / SUMMARY).exists():
-            raise UsageError(f"{out} holds a finished preprocessing output; pass --overwrite to redo it")
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not is_ours(out):
+        raise UsageError(f"output folder {out} is not empty and not a preprocessing output (no {MARKER}; "
+                         "outputs written before the marker existed lack it too: delete such a folder yourself); "
+                         f"{'--overwrite deletes only folders this project wrote; ' if overwrite else ''}"
+                         "choose an empty or new folder")
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Claim `out` (new, empty, or ours), clean stale temporaries; --overwrite empties one of ours. The caller
+    holds the output's lock (`output_lock`), which --overwrite leaves in place."""
+    check_claimable(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for child in out.iterdir():
+            if child.name != LOCK:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    elif (out / SUMMARY).exists():
+        raise UsageError(f"{out} holds a finished preprocessing output; pass --overwrite to redo it")
     if not is_ours(out):
         write_marker(out, alexnet.__version__)
     for sub in ("train", "val", WORK_DIR):
@@ -183,13 +191,19 @@ def run_preprocess(cfg: PreprocessConfig, log: Log = print) -> dict:
     layout = detect_layout(Path(cfg.input), out, cfg.val_labels)
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
     check_tracking_uri(tracking_uri)
-    prepare_output(out, cfg.overwrite)
+    check_claimable(out, cfg.overwrite)  # before a lock file lands in someone else's folder
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, log):
+        prepare_output(out, cfg.overwrite)
+        return _run(cfg, layout, out, tracking_uri, started, log)
 
+
+def _run(cfg: PreprocessConfig, layout: Layout, out: Path, tracking_uri: str, started: float, log: Log) -> dict:
     import ray
 
     connect_ray(cfg.address, log=log)
     phases = {"start": time.perf_counter() - started}
-    files, listing_rejects = list_files(layout, cfg.classes, cfg.limit, cfg.resource_wait_s)
+    files, listing_rejects, hidden = list_files(layout, cfg.classes, cfg.limit, cfg.resource_wait_s)
     phases["listing"] = time.perf_counter() - started - sum(phases.values())
     if files["train"].num_rows == 0:
         raise UsageError("no training files left after --classes/--limit")
@@ -219,7 +233,7 @@ def run_preprocess(cfg: PreprocessConfig, log: Log = print) -> dict:
                       "labels": t["label"].to_pylist(), "wnids": t["wnid"].to_pylist()})
     _run_shards(items, cfg, out, log)
     phases["shards"] = time.perf_counter() - started - sum(phases.values())
-    return _finish(cfg, layout, files, listing_rejects, plan, out, tracking_uri, started, phases, log)
+    return _finish(cfg, layout, files, (listing_rejects, hidden), plan, out, tracking_uri, started, phases, log)
 
 
 def _run_shards(items: list[dict], cfg: PreprocessConfig, out: Path, log: Log) -> None:
@@ -247,11 +261,12 @@ def _run_shards(items: list[dict], cfg: PreprocessConfig, out: Path, log: Log) -
             last_log = now
 
 
-def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], listing_rejects: list,
+def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], listing: tuple[list, int],
             plan: dict, out: Path, tracking_uri: str, started: float, phases: dict, log: Log) -> dict:
     from alexnet.tracking import Runs
     from alexnet.visualize import image_to_png
 
+    listing_rejects, hidden = listing
     work = out / WORK_DIR
     rows = {s: 0 for s in SPLITS}
     rejects_by_split = {s: [] for s in SPLITS}
@@ -277,6 +292,10 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
                                f"{len(rejects_by_split[s])} rejects: shards are inconsistent")
     if rows["train"] == 0:
         raise RuntimeError("every training file was rejected; see the reasons above")
+    lost = classes_all_rejected(files["train"], rejects_by_split["train"], layout.wnids)
+    for wnid, n in lost.items():
+        log(f"WARNING: class {wnid}: all {n} of its training files were rejected (see {REJECTS}); it has no "
+            "training images")
 
     names = read_synset_names(layout.root)
     keep = layout.wnids[: cfg.classes] if cfg.classes else layout.wnids
@@ -303,6 +322,7 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
         "rows_written": rows,
         "rejects": {s: len(rejects_by_split[s]) for s in SPLITS},
         "shards": {s: sum(1 for x in plan["shards"] if x["split"] == s) for s in SPLITS},
+        "hidden_skipped": hidden,  # entries named .* (e.g. .ipynb_checkpoints): never a class nor an image
         "rows_per_shard": plan["rows_per_shard"],
         "shard_files": shard_manifest(out, plan["shards"], rows_by_shard),
         "num_classes": len(keep),

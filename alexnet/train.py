@@ -14,7 +14,7 @@ from pathlib import Path
 
 from alexnet.checkpoints import (check_resumable, load_checkpoint_state, load_initial_weights, model_from_state,
                                  read_state, resolve_init_from)
-from alexnet.config import Log, TrainConfig, UsageError
+from alexnet.config import Interrupted, Log, TrainConfig, UsageError
 from alexnet.prepared import Prepared, read_prepared
 
 
@@ -173,6 +173,10 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
     trainer = build_trainer(cfg, prepared, run_config(cfg, name, storage, [reporter]))
     try:
         result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ray Train's own Ctrl-C handler exits with SystemExit(0)
+        runs.finish(run_id, "KILLED")
+        raise Interrupted(f"interrupted: MLflow run {run_id} is KILLED; checkpoints under {storage}/{name}; "
+                          "rerun the same command to resume") from stop
     except TrainingFailedError as err:
         waited = not_granted(cfg, err)
         runs.set_tags(run_id, {"error": (str(waited) if waited else str(err))[:5000]})

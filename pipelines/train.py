@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from alexnet.config import TrainConfig, UsageError
+from alexnet.config import INTERRUPTED_EXIT, Interrupted, TrainConfig, UsageError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,6 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingFailedError as err:
         print(f"error: training failed: {err}", file=sys.stderr)
         return 1
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        return INTERRUPTED_EXIT
     for summary in summaries:
         print(f"{summary['run_name']}: best val/top1_err {summary['best_val_top1_err']:.4f} at epoch "
               f"{summary['best_epoch']}; model {summary['model_uri']}")

@@ -3,7 +3,7 @@
     python pipelines/tune.py --data OUT --num-samples 8 --epochs 10 [every pipelines/train.py flag]
     python pipelines/tune.py --data OUT --sweep-name NAME --resume
 
-Exit code: 0 when every trial finished, 2 for bad input, 64 + N when N trials failed.
+Exit code: 0 when every trial finished, 2 for bad input, 64 + N when N trials failed, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from alexnet.config import SweepConfig, UsageError
+from alexnet.config import INTERRUPTED_EXIT, Interrupted, SweepConfig, UsageError
 
 FAILED_BASE = 64
 
@@ -25,6 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        return INTERRUPTED_EXIT
     print(summary["table"])
     if summary["best_command"]:
         print(f"best: {summary['best']['trial']} (val/top1_err {summary['best']['best_val_top1_err']:.4f}); retrain with:")

@@ -12,10 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from alexnet.config import Log, SweepConfig, TrainConfig, UsageError
+from alexnet.config import Interrupted, Log, SweepConfig, TrainConfig, UsageError
 from alexnet.model import ModelConfig
 from alexnet.prepared import Prepared, read_prepared
-from alexnet.train import build_trainer, not_granted, per_worker_resources, preflight, run_config
+from alexnet.train import (build_trainer, check_image_size, not_granted, per_worker_resources, preflight,
+                           run_config)
 
 METRIC = "val/top1_err"
 
@@ -83,7 +84,9 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
 
     space = load_space(cfg.space, grid=cfg.search == "grid")
     base = cfg.train_config()
-    check_space(space, base, read_prepared(base.data).size, source=str(cfg.space or "search space"))
+    data = read_prepared(base.data)
+    check_image_size(base, data)  # the base first: a space's value is blamed only for what it changes
+    check_space(space, base, data.size, source=str(cfg.space or "search space"))
     prepared, uri, storage = preflight(base, driver_cpus=TRIAL_CPUS, log=log)
     if not prepared.val_files:
         raise UsageError(f"a sweep ranks trials by {METRIC}: {prepared.path} has no validation split")
@@ -114,6 +117,13 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
             run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[logger],
                                       failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
+    if grid.num_terminated + grid.num_errors < len(grid):  # Tune stops on Ctrl-C and returns what it has
+        for child in runs.search(exp_id, f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"):
+            runs.finish(child.info.run_id, "KILLED")
+        runs.set_tags(parent_id, {"interrupted": "true"})
+        runs.finish(parent_id, "KILLED")
+        raise Interrupted(f"interrupted: sweep {name!r} stopped, its unfinished trials and MLflow parent run "
+                          f"{parent_id} are KILLED; continue it with --sweep-name {name} --resume")
     rows = []
     for result in grid:
         m = result.metrics or {}
@@ -135,7 +145,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
         runs.log_metrics(parent_id, {"best/val/top1_err": best["best_val_top1_err"]})
         runs.set_tags(parent_id, {"best_config": json.dumps({k: best[k] for k in space}),
                                   "best_command": command_line(best_cfg)})
-    runs.set_tags(parent_id, {"failed_trials": str(failed)})
+    runs.set_tags(parent_id, {"failed_trials": str(failed), "interrupted": "false"})
     runs.finish(parent_id, "FINISHED" if not failed else "FAILED")
     return {"sweep_name": name, "parent_run_id": parent_id, "rows": rows, "table": table, "failed": failed,
             "best": best, "best_command": command_line(best_cfg) if best_cfg else None}

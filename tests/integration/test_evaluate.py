@@ -190,8 +190,9 @@ def test_bad_members_exit_2_naming_the_problem(members, learnable, mlflow_uri, t
     bad = tmp_path / "bad-checkpoint"
     bad.mkdir()
     (bad / "state.pt").write_bytes(b"not a checkpoint")
-    run = client.create_run(source.info.experiment_id, tags=source.data.tags | {"best_checkpoint": str(bad),
-                                                                                "mlflow.runName": "broken"})
+    tags = {k: v for k, v in source.data.tags.items() if k not in ("ray_run_name", "ray_storage")}
+    run = client.create_run(source.info.experiment_id, tags=tags | {"best_checkpoint": str(bad),
+                                                                    "mlflow.runName": "broken"})
     client.log_param(run.info.run_id, "num_classes", source.data.params["num_classes"])
     client.set_terminated(run.info.run_id, "FINISHED")
     assert eval_cli.main([*common, "--runs", members[0], run.info.run_id]) == 2

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -232,3 +234,75 @@ def test_a_job_the_cluster_never_runs_fails_within_the_bound_saying_what_it_wait
             "0 CPU free now (1 node(s))") in err, err[-3000:]
     assert took < 5 + 30, took
     assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_a_second_run_on_an_output_being_written_is_refused_and_the_first_completes(tmp_path, sample_tree,
+                                                                                    ray_cluster, capsys):
+    """Measured before the lock: a retried job deleted the running one's temp files and work folder."""
+    root, manifest = sample_tree
+    out = tmp_path / "out"
+    args = ["--input", str(root), "--output", str(out), "--size", "64", "--shard-mb", "0.001"]
+    first = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "preprocess.py"), *args,
+                              "--address", ray_cluster], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((out / "train").glob("part-*.parquet")):
+            time.sleep(0.05)
+        assert list((out / "train").glob("part-*.parquet")), "the first job wrote nothing"
+        for extra in ([], ["--overwrite"]):
+            assert cli.main([*args, *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"another preprocessing job ({socket.gethostname()} pid {first.pid} since" in err, err
+        assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+    finally:
+        first.kill()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_written"]["train"] == manifest["train"] - sum(p.startswith("train/") for p in manifest["broken"])
+    assert not (out / ".alexnet-ray-lock").exists()
+
+
+def test_every_entry_is_written_rejected_with_its_true_reason_or_skipped_as_hidden(tmp_path, ray_cluster, capsys):
+    """Measured before: a non-UTF-8 name crashed the job (0 rows, 0 rejects); a broken link and a FIFO were
+    'a folder inside a class folder'; files under train/ were never counted; .ipynb_checkpoints became a class."""
+    root = tmp_path / "root"
+    make_sample(SampleConfig(output=root, num_classes=3, train_per_class=4, val_per_class=1, seed=3, quirks=False))
+    train = root / "train"
+    a, b, c = sorted(d.name for d in train.iterdir())
+    good = next((train / a).iterdir())
+    odd = os.path.join(os.fsencode(train / a), b"caf\xe9 \xff.JPEG")  # not UTF-8: a valid image all the same
+    with open(odd, "wb") as f:
+        f.write(good.read_bytes())
+    (train / a / "gone.JPEG").symlink_to(train / a / "nowhere.JPEG")
+    os.mkfifo(train / a / "pipe.JPEG")
+    (train / a / "nested").mkdir()
+    (train / "stray.JPEG").write_bytes(good.read_bytes())
+    (train / ".ipynb_checkpoints").mkdir()
+    (train / ".ipynb_checkpoints" / "x.JPEG").write_bytes(good.read_bytes())
+    (train / b / ".DS_Store").write_bytes(b"\0")
+    for f in (train / c).iterdir():  # every image of class c is broken
+        f.write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(root), "--output", str(out), "--size", "32"]) == 0
+    captured = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    classes = [x["wnid"] for x in json.loads((out / "classes.json").read_text())["classes"]]
+    assert classes == [a, b, c]  # the hidden folder is not a class
+    assert summary["hidden_skipped"] == 2
+    reasons = {row["path"]: row["reason"] for row in csv.DictReader(io.StringIO((out / "rejects.csv").read_text()))}
+    assert reasons[f"train/{a}/gone.JPEG"] == "a broken symbolic link"
+    assert reasons[f"train/{a}/pipe.JPEG"] == "not a regular file (a FIFO, socket or device)"
+    assert reasons[f"train/{a}/nested"].startswith("a folder inside a class folder")
+    assert reasons["train/stray.JPEG"].startswith("a file directly under train/")
+    assert sum(p.startswith(f"train/{c}/") for p in reasons) == 4
+    assert f"WARNING: class {c}: all 4 of its training files were rejected" in captured
+    found = summary["files_found"]["train"]
+    # 12 sample images, the odd name, the link, the FIFO, the nested folder, the stray file
+    assert found == summary["rows_written"]["train"] + summary["rejects"]["train"] == 12 + 4 + 1
+    # the odd name is kept, and its stored path leads back to the very file
+    from alexnet.imagenet import fs_path
+
+    rows = _rows(out, "train")
+    (odd_path,) = [p for p in rows["path"] if p.startswith(f"train/{a}/caf")]
+    assert os.fsencode(fs_path(root, odd_path)) == odd and summary["rows_written"]["train"] == 4 + 1 + 4
+

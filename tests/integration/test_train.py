@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -13,6 +17,8 @@ import torch
 from mlflow import MlflowClient
 
 from pipelines import train as cli
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration  # the shared Ray instance, MLflow servers, subprocess entry points
 
@@ -222,3 +228,35 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_readable_one(learn
     err = capsys.readouterr().err
     assert "error: no readable checkpoint to resume from: " in err and all(str(c) in err for c in kept), err
     assert time.time() - start < 10
+
+
+def test_ctrl_c_marks_the_run_killed_exits_130_and_the_same_command_resumes_it(learnable, small_args, mlflow_uri,
+                                                                              tmp_path, ray_cluster):
+    """Measured before: Ctrl-C left the MLflow run RUNNING (and Ray Train's handler exited 0)."""
+    argv = ["--data", str(learnable), "--epochs", "4", "--run-name", "interrupted",
+            "--storage-path", str(tmp_path / "ckpt"), "--tracking-uri", mlflow_uri, *small_args]
+    proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "train.py"), *argv, "--address", ray_cluster],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if _history(mlflow_uri, _run_id(mlflow_uri, "interrupted"), "epoch"):
+                    break
+            except (ValueError, AttributeError):
+                pass
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    run_id = _run_id(mlflow_uri, "interrupted")
+    assert f"interrupted: MLflow run {run_id} is KILLED" in err
+    assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "KILLED"
+    done = [s for s, _ in _history(mlflow_uri, run_id, "epoch")]
+    assert 1 <= len(done) < 4
+    assert cli.main(argv) == 0  # the same command resumes it
+    assert _run_id(mlflow_uri, "interrupted") == run_id
+    assert [s for s, _ in _history(mlflow_uri, run_id, "epoch")] == [1, 2, 3, 4]
+    assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "FINISHED"

@@ -167,11 +167,11 @@ def test_a_sweep_on_its_own_local_ray_beside_another_instance_and_a_dead_cluster
     assert sorted(c.data.tags["stopped_early"] for c in children) == ["False", "False", "True"]
 
 
-def test_a_space_training_would_refuse_exits_2_before_ray_naming_the_key(learnable, tmp_path, capsys):
+def test_a_space_training_would_refuse_exits_2_before_ray_naming_the_key(learnable, small_args, tmp_path, capsys):
     """Measured before the check: `dropout: {uniform: [0.5, 1.5]}` failed trial by trial, exit 65 after 67 s."""
     (tmp_path / "space.yaml").write_text("dropout: {uniform: [0.5, 1.5]}\n")
     start = time.time()
-    assert cli.main(["--data", str(learnable), "--space", str(tmp_path / "space.yaml"),
+    assert cli.main(["--data", str(learnable), *small_args, "--space", str(tmp_path / "space.yaml"),
                      "--storage-path", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "dropout: uniform [0.5, 1.5] can give" in err and "within [0, 1)" in err, err
@@ -195,3 +195,40 @@ def test_a_failing_trial_is_a_failed_child_with_its_reason_the_others_finish_and
     assert children[0.01].info.status == "FINISHED"
     assert children[1e6].info.status == "FAILED" and "training diverged in epoch 1" in children[1e6].data.tags["error"]
     assert json.loads(parent.data.tags["best_config"])["lr"] == 0.01
+
+
+def test_ctrl_c_on_a_sweep_kills_its_runs_exits_130_and_resume_finishes_it(learnable, small_args, mlflow_uri,
+                                                                          ray_cluster, tmp_path):
+    """Measured before: the interrupted trial was reported `ok` and the parent FINISHED with failed_trials 0."""
+    argv = ["--data", str(learnable), *small_args, "--epochs", "3", "--num-samples", "2", "--max-concurrent", "1",
+            "--scheduler", "none", "--sweep-name", "ctrl-c", "--storage-path", str(tmp_path),
+            "--tracking-uri", mlflow_uri]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "pipelines/tune.py", *argv, "--address", ray_cluster], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                parent = _parent(mlflow_uri, "ctrl-c")
+                if any(MlflowClient(mlflow_uri).get_metric_history(c.info.run_id, "epoch")
+                       for c in _children(mlflow_uri, parent.info.run_id)):
+                    break
+            except (ValueError, AttributeError):
+                pass
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (out + err)[-3000:]
+    parent = _parent(mlflow_uri, "ctrl-c")
+    assert f"interrupted: sweep 'ctrl-c' stopped" in err
+    assert parent.info.status == "KILLED" and parent.data.tags["interrupted"] == "true"
+    statuses = [c.info.status for c in _children(mlflow_uri, parent.info.run_id)]
+    assert "RUNNING" not in statuses and "KILLED" in statuses, statuses
+    assert cli.main([*argv, "--resume"]) == 0
+    parent = _parent(mlflow_uri, "ctrl-c")
+    children = _children(mlflow_uri, parent.info.run_id)
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert all(c.info.status == "FINISHED" for c in children)

@@ -1,3 +1,5 @@
+import errno
+
 import pytest
 
 from alexnet.config import UsageError
@@ -40,3 +42,24 @@ def test_label_file_errors(tmp_path):
     bad.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(UsageError):
         read_val_labels(bad)
+
+
+def test_a_read_that_fails_transiently_is_retried_and_a_lasting_failure_names_the_tries(tmp_path):
+    from alexnet.imagenet import READ_TRIES, read_with_retries
+
+    class Flaky(type(tmp_path)):  # a real file behind a network mount that answers EIO twice
+        fails = 2
+
+        def read_bytes(self):
+            if Flaky.fails:
+                Flaky.fails -= 1
+                raise OSError(errno.EIO, "Input/output error")
+            return super().read_bytes()
+
+    (tmp_path / "a.JPEG").write_bytes(b"jpeg")
+    assert read_with_retries(Flaky(tmp_path / "a.JPEG"), pause_s=0.01) == b"jpeg" and Flaky.fails == 0
+    Flaky.fails = 99
+    with pytest.raises(OSError, match=f"unreadable after {READ_TRIES} tries: Input/output error"):
+        read_with_retries(Flaky(tmp_path / "a.JPEG"), pause_s=0.01)
+    with pytest.raises(OSError, match="unreadable: No such file"):  # nothing to retry
+        read_with_retries(tmp_path / "missing.JPEG", pause_s=0.01)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 
 from alexnet.config import UsageError
@@ -56,3 +62,38 @@ def test_an_input_inside_the_output_is_refused_before_anything_is_touched(tmp_pa
     with pytest.raises(UsageError, match="lies inside the output"):
         detect_layout(out / "imagenet", out)
     assert _files(out) == before
+
+
+def test_a_second_job_on_the_same_output_is_refused_while_the_first_holds_the_lock(tmp_path):
+    from alexnet.prepared import LOCK, output_lock
+
+    with output_lock(tmp_path, log=lambda _: None):
+        lock = json.loads((tmp_path / LOCK).read_text())
+        assert lock["pid"] == os.getpid() and lock["host"] == socket.gethostname() and lock["started"]
+        with pytest.raises(UsageError, match=rf"another preprocessing job \({lock['host']} pid {os.getpid()} since"):
+            with output_lock(tmp_path, log=lambda _: None):
+                pass
+        assert (tmp_path / LOCK).exists()  # the refused job did not remove the holder's lock
+    assert not (tmp_path / LOCK).exists()  # released when the job ends
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_message(tmp_path):
+    from alexnet.prepared import LOCK, output_lock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "then"}))
+    said = []
+    with output_lock(tmp_path, log=said.append):
+        assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    assert said == [f"taking over {tmp_path / LOCK}: its job ({socket.gethostname()} pid {dead.pid} since then) "
+                    "is no longer running"]
+
+
+def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
+    from alexnet.prepared import LOCK, output_lock
+
+    (tmp_path / LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "then"}))
+    with pytest.raises(UsageError, match="elsewhere pid 1 since then"):
+        with output_lock(tmp_path, log=lambda _: None):
+            pass
