@@ -117,8 +117,11 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
             run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[logger],
                                       failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
-    if grid.num_terminated + grid.num_errors < len(grid):  # Tune stops on Ctrl-C and returns what it has
-        for child in runs.search(exp_id, f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"):
+    # Tune ends on Ctrl-C and returns what it has: trials never started, or one our logger never saw end
+    unended = runs.search(exp_id, f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'")
+    expected = cfg.num_samples * math.prod(len(s["grid"]) for s in space.values() if "grid" in s)
+    if unended or len(grid) < expected:
+        for child in unended:
             runs.finish(child.info.run_id, "KILLED")
         runs.set_tags(parent_id, {"interrupted": "true"})
         runs.finish(parent_id, "KILLED")

@@ -154,6 +154,16 @@ def test_killed_half_way_then_rerun_gives_no_duplicates_and_no_missing_rows(tmp_
     good = {str(p.relative_to(root)) for p in (root / "train").rglob("*") if p.is_file()} - set(manifest["broken"])
     assert set(train["path"]) == good
     assert not list(out.rglob("*.tmp")) and not (out / "_work").exists()
+    assert not (out / ".alexnet-ray-lock").exists()  # the killed job's lock was taken over, then released
+
+    # the statistics of the resumed run are the unbroken run's: mean image and PCA
+    unbroken = tmp_path / "unbroken"
+    assert cli.main([*args[:3], str(unbroken), *args[4:]]) == 0
+    np.testing.assert_allclose(np.load(out / "mean_image.npy"), np.load(unbroken / "mean_image.npy"), rtol=1e-12)
+    resumed, whole = (json.loads((o / "pca.json").read_text()) for o in (out, unbroken))
+    np.testing.assert_allclose(resumed["eigenvalues"], whole["eigenvalues"], rtol=1e-9)
+    np.testing.assert_allclose(np.abs(resumed["eigenvectors"]), np.abs(whole["eigenvectors"]), rtol=1e-9, atol=1e-12)
+    assert json.loads((unbroken / "summary.json").read_text())["rows_written"] == summary["rows_written"]
 
 
 def test_rerun_with_other_arguments_on_an_unfinished_output_is_refused(tmp_path, sample_tree, ray_cluster,
