@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
+import queue
 import socket
 import sys
 import threading
@@ -247,37 +247,44 @@ def wait_message(per_worker: dict[str, float], num_workers: int, seconds: float)
 def watched(results: Iterable[T], seconds: float, need: dict[str, float], what: str) -> Iterator[T]:
     """`results` (a driver's loop over a Ray Data job), failing when the cluster never runs the job.
 
-    When nothing has come for `seconds` while the cluster has less free than one of the job's tasks
-    needs (`need`), the wait is interrupted and a UsageError says what the job waited for and what the
-    cluster has. A slow job on a cluster with room never trips it.
+    The results are pulled on a helper thread; when nothing has come for `seconds` while the cluster has
+    less free than one of the job's tasks needs (`need`), a UsageError says what the job waited for and
+    what the cluster has. A slow job on a cluster with room never trips it. (No signals: Ray Train and
+    Tune install SIGINT handlers of their own in the driver.)
     """
+    import ray
+
     if seconds <= 0:
         raise UsageError(f"--resource-wait-s must be > 0, got {seconds:g}")
     need = {k: v for k, v in need.items() if v > 0}
-    last, tripped, done = [time.monotonic()], [], threading.Event()
+    box: queue.Queue = queue.Queue(maxsize=4)
 
-    def watch() -> None:
-        import ray
+    def pump() -> None:
+        try:
+            for result in results:
+                box.put(("result", result))
+            box.put(("end", None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consuming thread
+            box.put(("error", err))
 
-        while not done.wait(min(1.0, seconds / 4)):
+    threading.Thread(target=pump, name="ray-data-results", daemon=True).start()
+    last = time.monotonic()
+    while True:
+        try:
+            kind, value = box.get(timeout=min(1.0, seconds / 4))
+        except queue.Empty:
             free = ray.available_resources()
-            if time.monotonic() - last[0] > seconds and any(free.get(k, 0.0) < v for k, v in need.items()):
+            if time.monotonic() - last > seconds and any(free.get(k, 0.0) < v for k, v in need.items()):
                 total = ray.cluster_resources()
-                tripped.append(f"waited {seconds:g} s for {what} ({_fmt(need)} each) without a result: the cluster "
-                               f"has {_fmt({k: total.get(k, 0.0) for k in need})} in all, "
-                               f"{_fmt({k: free.get(k, 0.0) for k in need})} free now ({len(_alive_nodes())} "
-                               "node(s)); other jobs hold the rest. Wait for them or raise --resource-wait-s")
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-                return
-
-    threading.Thread(target=watch, name="resource-wait", daemon=True).start()
-    try:
-        for result in results:
-            last[0] = time.monotonic()
-            yield result
-    except KeyboardInterrupt:
-        if tripped:
-            raise UsageError(tripped[0]) from None
-        raise
-    finally:
-        done.set()
+                message = (f"waited {seconds:g} s for {what} ({_fmt(need)} each) without a result: the cluster "
+                           f"has {_fmt({k: total.get(k, 0.0) for k in need})} in all, "
+                           f"{_fmt({k: free.get(k, 0.0) for k in need})} free now ({len(_alive_nodes())} node(s)); "
+                           "other jobs hold the rest. Wait for them or raise --resource-wait-s")
+                raise UsageError(message) from None
+            continue
+        if kind == "end":
+            return
+        if kind == "error":
+            raise value
+        last = time.monotonic()
+        yield value

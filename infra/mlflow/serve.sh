@@ -50,6 +50,10 @@ if [[ "${MLFLOW_AUTH:-}" == "basic" ]]; then
       echo "error: MLFLOW_AUTH_ADMIN_PASSWORD is a well-known default; choose another one" >&2
       exit 2 ;;
   esac
+  if [[ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]]; then  # CSRF protection of the auth app: one key for all workers
+    echo "error: MLFLOW_AUTH=basic needs MLFLOW_FLASK_SERVER_SECRET_KEY (a random secret, from a secret store)" >&2
+    exit 2
+  fi
   # its user store: MLFLOW_AUTH_DATABASE_URI (a database URI may hold a password too, so it goes into a
   # config file only this user reads, named by MLFLOW_AUTH_CONFIG_PATH), default ./basic_auth.db
   conf="$(umask 077 && mktemp -d)/basic_auth.ini"

@@ -300,13 +300,14 @@ def mlflow_server(tmp_path_factory):
 
 
 def test_a_server_with_basic_auth_refuses_a_driver_without_an_account_before_any_ray_work(
-        tmp_path, prepared, capsys, monkeypatch):
+        tmp_path, prepared, small_args, capsys, monkeypatch):
     """serve.sh with MLFLOW_AUTH=basic: /health answers everyone, so only an authenticated request tells
     whether the runs would be refused; missing or wrong credentials are one line and exit 2."""
     from alexnet.tracking import check_tracking_uri
 
     password = os.urandom(12).hex()
-    with _serve(tmp_path, MLFLOW_AUTH="basic", MLFLOW_AUTH_ADMIN_PASSWORD=password) as server:
+    with _serve(tmp_path, MLFLOW_AUTH="basic", MLFLOW_AUTH_ADMIN_PASSWORD=password,
+                MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex()) as server:
         url = server["url"]
         for creds in ({}, {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"}):
             for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -315,7 +316,7 @@ def test_a_server_with_basic_auth_refuses_a_driver_without_an_account_before_any
                 monkeypatch.setenv(k, v)
             start = time.monotonic()
             assert train_cli.main(["--data", str(prepared[0]), "--tracking-uri", url,
-                                   "--storage-path", str(tmp_path / "ckpt")]) == 2
+                                   "--storage-path", str(tmp_path / "ckpt"), *small_args]) == 2
             err = capsys.readouterr().err
             assert f"error: MLflow tracking server {url} requires authentication: set MLFLOW_TRACKING_USERNAME" in err
             assert time.monotonic() - start < 15 and not (tmp_path / "ckpt").exists()

@@ -242,7 +242,8 @@ def test_mlflow_runs_the_serve_script_with_basic_auth_from_secrets_reached_by_th
     assert service["spec"]["ports"][0]["port"] == 5000
     env = _env(container)
     assert env["MLFLOW_AUTH"] == "basic" and "MLFLOW_NO_AUTH_I_AM_ON_A_PRIVATE_NETWORK" not in env
-    for secret in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_DATABASE_URI"):
+    for secret in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_DATABASE_URI",
+                   "MLFLOW_FLASK_SERVER_SECRET_KEY"):
         assert isinstance(env[secret], tuple), secret
     assert not any("args" in c for c in deploy["spec"]["template"]["spec"]["containers"])
     # the drivers run on the head and log in with the password the server was given
@@ -312,10 +313,12 @@ def test_serve_script_never_puts_the_backend_password_on_the_command_line(tmp_pa
     assert environ["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://b/m"
 
 
-@pytest.mark.parametrize("password, ok", [(None, False), ("password1234", False), ("", False),
-                                          ("a-long-random-one", True)])
-def test_serve_script_basic_auth_starts_only_with_an_admin_password_of_its_own(tmp_path, password, ok):
-    env = {"MLFLOW_AUTH": "basic"} | ({} if password is None else {"MLFLOW_AUTH_ADMIN_PASSWORD": password})
+@pytest.mark.parametrize("password, key, ok", [(None, "k" * 32, False), ("password1234", "k" * 32, False),
+                                               ("", "k" * 32, False), ("a-long-random-one", None, False),
+                                               ("a-long-random-one", "k" * 32, True)])
+def test_serve_script_basic_auth_starts_only_with_an_admin_password_of_its_own(tmp_path, password, key, ok):
+    env = ({"MLFLOW_AUTH": "basic"} | ({} if password is None else {"MLFLOW_AUTH_ADMIN_PASSWORD": password})
+           | ({} if key is None else {"MLFLOW_FLASK_SERVER_SECRET_KEY": key}))
     out = _serve(tmp_path, **env)
     assert (out.returncode == 0) == ok, out.stderr
     if ok:
@@ -325,4 +328,5 @@ def test_serve_script_basic_auth_starts_only_with_an_admin_password_of_its_own(t
         assert conf.stat().st_mode & 0o077 == 0 and conf.parent.stat().st_mode & 0o077 == 0
         assert "database_uri = sqlite:///basic_auth.db" in conf.read_text() and password not in conf.read_text()
     else:
-        assert out.returncode == 2 and "MLFLOW_AUTH_ADMIN_PASSWORD" in out.stderr and "ARGV" not in out.stdout
+        missing = "MLFLOW_FLASK_SERVER_SECRET_KEY" if key is None else "MLFLOW_AUTH_ADMIN_PASSWORD"
+        assert out.returncode == 2 and missing in out.stderr and "ARGV" not in out.stdout
