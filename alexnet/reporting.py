@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from ray.train import UserCallback
 from alexnet.config import Log, TrainConfig, UsageError
 from alexnet.loop import epoch_metrics
 from alexnet.model import SHAPE_KEYS
+from alexnet.outbox import Outbox
 from alexnet.prepared import Prepared, classes_digest
 from alexnet.tracking import Runs
 
@@ -71,23 +73,25 @@ def stall_message(losses: list[float], num_classes: int, epochs: int = 3) -> str
 
 
 class TrainingReporter(UserCallback):
-    """Runs in the Ray Train controller (on the driver's node): per-epoch metrics to MLflow and the console."""
+    """Runs in the Ray Train controller (on the driver's node): per-epoch metrics to MLflow (through the run's
+    outbox: a tracking store that is away never stops training) and the console."""
 
-    def __init__(self, runs: Runs, run_id: str, num_classes: int, epochs: int):
-        self.runs, self.run_id, self.num_classes, self.epochs = runs, run_id, num_classes, epochs
+    def __init__(self, outbox: Outbox, num_classes: int, epochs: int):
+        self.outbox, self.num_classes, self.epochs = outbox, num_classes, epochs
         self.losses: list[float] = []
         self.warned = False
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0]  # rank 0; the figures are already summed over all workers
-        self.runs.log_metrics(self.run_id, epoch_metrics(m), step=int(m["epoch"]))
         print(format_epoch(m, self.epochs), flush=True)
+        self.outbox.write({"op": "metrics", "step": int(m["epoch"]), "metrics": epoch_metrics(m),
+                           "ms": int(time.time() * 1000)})
         self.losses.append(float(m["train/loss"]))
         message = stall_message(self.losses, self.num_classes)
         if message and not self.warned:
             self.warned = True
             print(message, flush=True)
-            self.runs.set_tags(self.run_id, {"warning": message})
+            self.outbox.write({"op": "tags", "tags": {"warning": message}})
 
 
 def log_final_artifacts(runs: Runs, run_id: str, model) -> str:

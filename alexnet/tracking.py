@@ -153,11 +153,12 @@ class Runs:
 
         self.client.log_batch(run_id, params=[Param(k, param_value(v)) for k, v in params.items()])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0, ms: int | None = None) -> None:
+        """`ms`: when they were measured (a kept write sent later), default now."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        ms = ms or int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), ms, step) for k, v in metrics.items()])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

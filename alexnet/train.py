@@ -12,9 +12,10 @@ import math
 import time
 from pathlib import Path
 
-from alexnet.checkpoints import (check_resumable, load_checkpoint_state, load_initial_weights, model_from_state,
+from alexnet.checkpoints import (check_resumable, load_checkpoint_state, load_initial_weights,
                                  read_state, resolve_init_from)
 from alexnet.config import Interrupted, Log, TrainConfig, UsageError
+from alexnet.outbox import Unsent
 from alexnet.prepared import Prepared, read_prepared
 
 
@@ -119,7 +120,7 @@ def run_members(cfg: TrainConfig, log: Log = print) -> list[dict]:
         return [run_training(cfg, log)]
     group = cfg.run_name or time.strftime("ensemble-%Y%m%d-%H%M%S")
     preflight(cfg, log=log)  # every member would fail alike: fail once, before the first one starts
-    summaries = []
+    summaries, unsent = [], []
     for i in range(cfg.seeds):
         seed = cfg.seed + i
         member = dataclasses.replace(cfg, seed=seed, seeds=1, run_name=f"{group}-seed{seed}")
@@ -130,8 +131,14 @@ def run_members(cfg: TrainConfig, log: Log = print) -> list[dict]:
             summaries.append(done)
             continue
         log(f"ensemble {group}: member {i + 1}/{cfg.seeds} (seed {seed})")
-        summaries.append(run_training(member, log, tags={
-            "ensemble_group": group, "ensemble_member": str(i), "ensemble_members": str(cfg.seeds)}))
+        try:
+            summaries.append(run_training(member, log, tags={
+                "ensemble_group": group, "ensemble_member": str(i), "ensemble_members": str(cfg.seeds)}))
+        except Unsent as err:  # the member finished: the next one trains while its writes wait
+            summaries += err.summaries
+            unsent.append(str(err))
+    if unsent:
+        raise Unsent("\n".join(unsent), summaries)
     return summaries
 
 
@@ -159,7 +166,8 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
     """The whole run; returns a summary (MLflow run id, best error, model URI). Raises UsageError before any work."""
     from ray.train import TrainingFailedError
 
-    from alexnet.reporting import TrainingReporter, log_final_artifacts, open_training_run
+    from alexnet.outbox import Outbox
+    from alexnet.reporting import TrainingReporter, open_training_run
     from alexnet.tracking import Runs
 
     name = cfg.run_name or time.strftime("alexnet-%Y%m%d-%H%M%S")
@@ -169,18 +177,20 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
     tags = dict(tags or {}) | ({"init_from_checkpoint": str(resolve_init_from(cfg))} if cfg.init_from else {})
     run_id, resumed = open_training_run(runs, cfg, name, storage, prepared, log, tags)
     log(f"MLflow run {run_id} ({uri}); checkpoints under {storage}/{name}")
-    reporter = TrainingReporter(runs, run_id, prepared.num_classes, cfg.epochs)
+    folder = f"{storage}/{name}"
+    reporter = TrainingReporter(Outbox(runs, run_id, folder, log), prepared.num_classes, cfg.epochs)
     trainer = build_trainer(cfg, prepared, run_config(cfg, name, storage, [reporter]))
     try:
         result = trainer.fit()
     except (KeyboardInterrupt, SystemExit) as stop:  # Ray Train's own Ctrl-C handler exits with SystemExit(0)
-        runs.finish(run_id, "KILLED")
-        raise Interrupted(f"interrupted: MLflow run {run_id} is KILLED; checkpoints under {storage}/{name}; "
+        Outbox(runs, run_id, folder, log).write({"op": "finish", "status": "KILLED"})
+        raise Interrupted(f"interrupted: MLflow run {run_id} is KILLED; checkpoints under {folder}; "
                           "rerun the same command to resume") from stop
     except TrainingFailedError as err:
         waited = not_granted(cfg, err)
-        runs.set_tags(run_id, {"error": (str(waited) if waited else str(err))[:5000]})
-        runs.finish(run_id, "FAILED")
+        outbox = Outbox(runs, run_id, folder, log)  # what the controller kept is in the folder: read it again
+        outbox.write({"op": "tags", "tags": {"error": (str(waited) if waited else str(err))[:5000]}})
+        outbox.write({"op": "finish", "status": "FAILED"})  # a store that is away never hides this error
         if waited:
             raise waited from err
         raise
@@ -189,10 +199,16 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
     if best is None:
         raise RuntimeError("the run finished without a checkpoint")
     state = load_checkpoint_state(best)
-    model_uri = log_final_artifacts(runs, run_id, model_from_state(state, prepared.num_classes))
     final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    runs.set_tags(run_id, {"best_checkpoint": best.path, "model_uri": model_uri})
-    runs.finish(run_id)
-    return {"mlflow_run_id": run_id, "run_name": name, "resumed": resumed, "model_uri": model_uri,
-            "best_val_top1_err": state["best_top1_err"], "best_epoch": state["epoch"],
-            "final_metrics": final, "checkpoint": best.path}
+    outbox = Outbox(runs, run_id, folder, log)
+    where = best.path if "://" not in storage else f"{storage.split('://')[0]}://{best.path}"
+    outbox.write({"op": "final", "checkpoint": where, "num_classes": prepared.num_classes})
+    outbox.write({"op": "finish", "status": "FINISHED"})
+    model_uri = runs.get(run_id).data.tags.get("model_uri") if not outbox.ops else "(not logged yet: see below)"
+    summary = {"mlflow_run_id": run_id, "run_name": name, "resumed": resumed, "model_uri": model_uri,
+               "best_val_top1_err": state["best_top1_err"], "best_epoch": state["epoch"],
+               "final_metrics": final, "checkpoint": where}
+    if unsent := outbox.unsent():
+        unsent.summaries = [summary]
+        raise unsent
+    return summary

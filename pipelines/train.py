@@ -17,10 +17,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = TrainConfig.parse_args(argv, description=__doc__.splitlines()[0])
     from ray.train import TrainingFailedError
 
+    from alexnet.outbox import UNSENT_EXIT, Unsent
     from alexnet.train import run_members
 
+    unsent = None
     try:
         summaries = run_members(cfg)
+    except Unsent as err:  # trained, but MLflow lacks part of it: say what and how to send it
+        summaries, unsent = err.summaries, err
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -37,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(summaries) > 1:
         print(f"ensemble of {len(summaries)}: python pipelines/evaluate.py --data {cfg.data} --runs "
               + " ".join(s["mlflow_run_id"] for s in summaries))
+    if unsent is not None:
+        print(f"error: {unsent}", file=sys.stderr)
+        return UNSENT_EXIT
     return 0
 
 

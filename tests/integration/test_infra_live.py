@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -263,9 +264,10 @@ def test_the_preprocessing_rayjob_entrypoint_as_written_runs_through_job_submiss
 
 
 @contextlib.contextmanager
-def _serve(work: Path, **extra: str):
-    """infra/mlflow/serve.sh with its defaults but a free port and a temporary store (plus `extra` env)."""
-    (port,) = _free_ports(1)
+def _serve(work: Path, port: int | None = None, **extra: str):
+    """infra/mlflow/serve.sh with its defaults but a free port and a temporary store (plus `extra` env);
+    the same `work` and `port` again: the same server restarted."""
+    port = port or _free_ports(1)[0]
     env = dict(os.environ, MLFLOW_PORT=str(port), MLFLOW=str(BIN / "mlflow"), MLFLOW_WORKERS="1",
                MLFLOW_BACKEND_STORE_URI=f"sqlite:///{work / 'server.db'}",
                MLFLOW_ARTIFACTS_DESTINATION=str(work / "artifacts"), **extra)
@@ -374,6 +376,87 @@ def _train_against(mlflow_server, prepared, small_args, tmp_path, capsys) -> Non
     with torch.no_grad():
         logits = net(torch.zeros(3, 3, 64, 64))
     assert logits.shape == (3, prepared[1]["num_classes"]) and np.isfinite(logits.numpy()).all()
+
+
+def _kill_server(server: dict) -> None:
+    os.killpg(server["pid"], signal.SIGKILL)  # serve.sh runs in its own session: its group is the server
+    _wait_for(lambda: psutil.Process(server["pid"]).status() == psutil.STATUS_ZOMBIE
+              if psutil.pid_exists(server["pid"]) else True, "the server to die", timeout_s=30)
+
+
+def test_writes_kept_while_the_server_is_away_are_sent_in_order_when_it_answers(tmp_path, monkeypatch):
+    from alexnet.outbox import PENDING_FILE, Outbox
+    from alexnet.tracking import Runs
+
+    work, folder, lines = tmp_path / "store", str(tmp_path / "run"), []
+    work.mkdir()
+    with _serve(work) as server:
+        runs = Runs(server["url"])
+        run_id = runs.create(runs.experiment_id("outbox"), "kept")
+        outbox = Outbox(runs, run_id, folder, lines.append)
+        assert outbox.write({"op": "metrics", "step": 1, "metrics": {"x": 1.0}, "ms": 1})
+        _kill_server(server)
+        start = time.monotonic()
+        for step in (2, 3):
+            assert not outbox.write({"op": "metrics", "step": step, "metrics": {"x": float(step)}, "ms": step})
+        assert time.monotonic() - start < 30  # kept after a few quick retries, not MLflow's minutes of them
+        assert Path(folder, PENDING_FILE).exists() and len(outbox.ops) == 2
+        assert len([line for line in lines if line.startswith("WARNING: MLflow tracking store")]) == 1
+        port = server["port"]
+    with _serve(work, port=port) as server:
+        assert outbox.write({"op": "metrics", "step": 4, "metrics": {"x": 4.0}, "ms": 4})
+        history = MlflowClient(server["url"]).get_metric_history(run_id, "x")
+        assert [(m.step, m.value, m.timestamp) for m in history] == [(s, float(s), s) for s in (1, 2, 3, 4)]
+        assert not Path(folder, PENDING_FILE).exists()
+        assert lines[-1].endswith("answers again: 3 kept write(s) sent")
+
+
+def test_training_finishes_while_the_tracking_server_is_away_and_the_command_it_prints_sends_the_rest(
+        tmp_path, learnable, small_args, mlflow_uri, capsys):
+    """Measured before: the reporter's error ended the run at once ("Training failed due to controller error:
+    ... Max retries exceeded"), whatever --max-failures said, and the run stayed RUNNING."""
+    work, storage = tmp_path / "store", tmp_path / "ckpt"
+    work.mkdir()
+    try:
+        with _serve(work) as server:
+            url, port = server["url"], server["port"]
+            argv = ["--data", str(learnable), "--epochs", "5", "--run-name", "away", "--tracking-uri", url,
+                    "--storage-path", str(storage), "--experiment", "away", *small_args]
+            result = {}
+            thread = threading.Thread(target=lambda: result.setdefault("rc", train_cli.main(argv)))
+            thread.start()
+            client = MlflowClient(url)
+
+            def first_epoch_logged():
+                exp = client.get_experiment_by_name("away")
+                found = exp and client.search_runs([exp.experiment_id])
+                return found and client.get_metric_history(found[0].info.run_id, "epoch") and found[0].info.run_id
+
+            run_id = _wait_for(first_epoch_logged, "epoch 1 in MLflow", timeout_s=240)
+            _kill_server(server)
+            thread.join(timeout=400)
+        out, err = capsys.readouterr()
+        assert result.get("rc") == 3, err[-3000:]
+        assert "WARNING: MLflow tracking store" in out and "training goes on" in out
+        command = f"python -m alexnet.outbox {storage / 'away'}"
+        assert f"error: MLflow tracking store {url} is still failing" in err and command in err
+        kept = json.loads((storage / "away" / "mlflow_pending.json").read_text())
+        assert [op["op"] for op in kept["ops"]][-2:] == ["final", "finish"]
+        assert {op["step"] for op in kept["ops"] if op["op"] == "metrics"} >= {5}
+        with _serve(work, port=port):
+            sent = subprocess.run([sys.executable, "-m", "alexnet.outbox", str(storage / "away")], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=300)
+            assert sent.returncode == 0, sent.stderr[-3000:]
+            run = client.get_run(run_id)
+            assert run.info.status == "FINISHED"
+            assert [m.step for m in client.get_metric_history(run_id, "epoch")] == [1, 2, 3, 4, 5]
+            assert [m.step for m in client.get_metric_history(run_id, "val/top1_err")] == [1, 2, 3, 4, 5]
+            assert {a.path for a in client.list_artifacts(run_id, "train")} >= {"train/learning_curves.png"}
+            (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+            assert model.source_run_id == run_id and run.data.tags["model_uri"] == f"models:/{model.model_id}"
+        assert not (storage / "away" / "mlflow_pending.json").exists()
+    finally:
+        mlflow.set_tracking_uri(mlflow_uri)
 
 
 def test_the_training_rayjob_on_a_cluster_without_gpus_fails_at_once_naming_them(two_node_cluster, prepared,
