@@ -77,13 +77,11 @@ def check_resumable(storage: str, name: str, log: Log = print) -> None:
         newest_readable(fs, folders, log)
 
 
-def restore_training_state(model, optimizer, scheduler) -> tuple[int, float]:
-    """(epochs done, best val error) from Ray Train's checkpoint after a restart or rerun; (0, inf) on a fresh run.
+def restore_training_state(model, optimizer, scheduler, checkpoint) -> tuple[int, float]:
+    """(epochs done, best val error) with weights, optimizer (momentum) and scheduler state loaded from Ray
+    Train's `checkpoint` (`ray.train.get_checkpoint()` after a restart or rerun); (0, inf) when it is None.
 
     A damaged latest checkpoint falls back to the newest readable one kept beside it."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, math.inf
     fs, latest = checkpoint.filesystem, checkpoint.path.rstrip("/")

@@ -157,7 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=0.1, patience=cfg.lr_patience, min_lr=cfg.lr * 0.1 ** cfg.max_lr_drops)
-    start_epoch, best = restore_training_state(model, optimizer, scheduler)
+    start_epoch, best = restore_training_state(model, optimizer, scheduler, ray.train.get_checkpoint())
     if start_epoch == 0 and config.get("init_from"):
         load_initial_weights(model, read_state(config["init_from"]))
     normalizer = Normalizer(config["mean_image"], device, cfg.pixel_scale, cfg.channels_last)

@@ -39,3 +39,50 @@ def test_a_plain_checkpoint_reads_back(tmp_path):
     torch.save({"model": {"w": torch.ones(2)}, "epoch": 3, "best_top1_err": 0.5}, tmp_path / "state.pt")
     state = read_state(tmp_path)
     assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("optimizer", ["paper", "torch"])
+def test_a_restart_restores_momentum_and_the_schedule_exactly_as_saved(tmp_path, optimizer):
+    """The next step after a restore equals the unbroken run's next step: weights, every momentum buffer and
+    the plateau schedule (its best, bad-epoch count and the dropped learning rate) all came back."""
+    from ray.train import Checkpoint
+
+    from alexnet.checkpoints import CHECKPOINT_FILE, restore_training_state, training_state
+    from alexnet.config import TrainConfig
+    from alexnet.optim import build_optimizer
+
+    def make():
+        net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+        opt = build_optimizer(optimizer, net.parameters(), 0.1, 0.9, 5e-4)
+        return net, opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=1)
+
+    def step(net, opt, seed):
+        g = torch.Generator().manual_seed(seed)
+        loss = torch.nn.functional.cross_entropy(net(torch.randn(8, 6, generator=g)),
+                                                 torch.randint(0, 3, (8,), generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    torch.manual_seed(0)
+    net, opt, sched = make()
+    for epoch, err in enumerate([0.5, 0.4, 0.45, 0.46]):  # no gain for 2 epochs: the rate drops to 0.01
+        step(net, opt, epoch)
+        sched.step(err)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    (tmp_path / "c").mkdir()
+    torch.save(training_state(net, opt, sched, 4, 0.4, TrainConfig(data=tmp_path)), tmp_path / "c" / CHECKPOINT_FILE)
+
+    torch.manual_seed(1)  # other initial weights: a restore that forgot them would show
+    net2, opt2, sched2 = make()
+    assert restore_training_state(net2, opt2, sched2, Checkpoint.from_directory(tmp_path / "c")) == (4, 0.4)
+    assert sched2.state_dict() == sched.state_dict()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    buffers = [opt.state[p] for p in net.parameters()]
+    buffers2 = [opt2.state[p] for p in net2.parameters()]
+    assert all(s and s.keys() == s2.keys() and all(torch.equal(s[k], s2[k]) for k in s)
+               for s, s2 in zip(buffers, buffers2))
+    step(net, opt, 99)
+    step(net2, opt2, 99)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
+    assert restore_training_state(net2, opt2, sched2, None) == (0, float("inf"))
