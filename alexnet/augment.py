@@ -33,17 +33,37 @@ def decode_images(jpegs) -> np.ndarray:
     return np.stack([decode_image(b) for b in jpegs])
 
 
+def decode_checked(jpegs, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """((N, 3, S, S) uint8, (N,) bool valid): a stored image that does not decode to S x S (a JPEG damaged
+    inside an intact shard) stays in the batch as zeros, marked invalid, so that every worker keeps its
+    batch count (DDP steps in lockstep); its loss and hits are masked out. S: `size`, else the first
+    image that decodes."""
+    images: list[np.ndarray | None] = []
+    for jpeg in jpegs:
+        try:
+            images.append(decode_image(jpeg))
+        except (RuntimeError, ValueError, TypeError):
+            images.append(None)
+    size = size or next((im.shape[1] for im in images if im is not None), 1)
+    valid = np.array([im is not None and im.shape == (3, size, size) for im in images], dtype=bool)
+    out = np.zeros((len(images), 3, size, size), np.uint8)
+    for i in np.flatnonzero(valid):
+        out[i] = images[i]
+    return out, valid
+
+
 def lighting(alphas: np.ndarray, eigenvalues: np.ndarray, eigenvectors: np.ndarray) -> np.ndarray:
     """(N, 3) RGB offsets on the 0-255 scale: [p1 p2 p3] [a1*l1, a2*l2, a3*l3]^T per image."""
     return (255.0 * (alphas * eigenvalues) @ np.asarray(eigenvectors).T).astype(np.float32)
 
 
 def train_batch(batch: dict, *, crop: int, eigenvalues: np.ndarray, eigenvectors: np.ndarray,
-                sigma: float) -> dict:
-    """Ray Data map_batches: stored JPEGs -> random crops, flips and lighting offsets."""
+                sigma: float, size: int | None = None) -> dict:
+    """Ray Data map_batches: stored JPEGs -> random crops, flips and lighting offsets (and `valid`, see
+    decode_checked)."""
     rng = np.random.default_rng()  # fresh OS entropy every call: new draws every epoch
-    images = [decode_image(b) for b in batch["image"]]
-    n, size = len(images), images[0].shape[1]
+    images, valid = decode_checked(batch["image"], size)
+    n, size = len(images), images.shape[2]
     ys = rng.integers(0, size - crop + 1, n)
     xs = rng.integers(0, size - crop + 1, n)
     flips = rng.random(n) < 0.5
@@ -54,12 +74,14 @@ def train_batch(batch: dict, *, crop: int, eigenvalues: np.ndarray, eigenvectors
     alphas = rng.normal(0.0, sigma, (n, 3)) if sigma > 0 else np.zeros((n, 3))
     return {"image": out, "offset": np.stack([ys, xs], 1).astype(np.int32), "flip": flips,
             "light": lighting(alphas, np.asarray(eigenvalues), np.asarray(eigenvectors)),
-            "label": np.asarray(batch["label"], np.int64)}
+            "label": np.asarray(batch["label"], np.int64), "valid": valid}
 
 
-def eval_batch(batch: dict) -> dict:
-    """Ray Data map_batches: stored JPEGs -> whole (N, 3, S, S) uint8 images; crops are taken on device."""
-    out = {"image": decode_images(batch["image"]), "label": np.asarray(batch["label"], np.int64)}
+def eval_batch(batch: dict, size: int | None = None) -> dict:
+    """Ray Data map_batches: stored JPEGs -> whole (N, 3, S, S) uint8 images and `valid` (see decode_checked);
+    crops are taken on device."""
+    images, valid = decode_checked(batch["image"], size)
+    out = {"image": images, "label": np.asarray(batch["label"], np.int64), "valid": valid}
     if "path" in batch:  # evaluation keeps each image's identity
         out["path"] = np.asarray(batch["path"])
     return out

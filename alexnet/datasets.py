@@ -31,10 +31,11 @@ def read_shards(files: list[str], columns: list[str], shuffle: str | None = None
     return ds
 
 
-def decoded_images(files: list[str], columns: list[str] = ("image", "label"), **map_args) -> ray.data.Dataset:
-    """Whole stored images decoded to (N, 3, S, S) uint8 (test views are cropped on the device)."""
+def decoded_images(files: list[str], size: int, columns: list[str] = ("image", "label"),
+                   **map_args) -> ray.data.Dataset:
+    """Whole stored images decoded to (N, 3, S, S) uint8 with `valid` (test views are cropped on the device)."""
     return read_shards(files, list(columns)).map_batches(eval_batch, batch_size=DECODE_BATCH, batch_format="numpy",
-                                                         **map_args)
+                                                         fn_kwargs={"size": size}, **map_args)
 
 
 def build_datasets(cfg: TrainConfig, prepared: Prepared) -> dict[str, ray.data.Dataset]:
@@ -45,10 +46,10 @@ def build_datasets(cfg: TrainConfig, prepared: Prepared) -> dict[str, ray.data.D
     train = (read_shards(prepared.train_files, ["image", "label"], shuffle="files")
              .map_batches(train_batch, batch_size=DECODE_BATCH, batch_format="numpy",
                           fn_kwargs=dict(crop=cfg.image_size, eigenvalues=prepared.eigenvalues,
-                                         eigenvectors=prepared.eigenvectors, sigma=sigma)))
+                                         eigenvectors=prepared.eigenvectors, sigma=sigma, size=prepared.size)))
     datasets = {"train": train}
     if prepared.val_files:
-        datasets["val"] = decoded_images(prepared.val_files)
+        datasets["val"] = decoded_images(prepared.val_files, prepared.size)
     return datasets
 
 

@@ -57,7 +57,7 @@ class MemberPredictor:
         self.net, self.modes = MemberModel(member, mean_image, size, use_gpu), modes
 
     def __call__(self, batch: dict) -> dict:
-        return {"path": batch["path"], "label": batch["label"]} | {
+        return {"path": batch["path"], "label": batch["label"], "valid": batch["valid"]} | {
             f"probs_{mode}": self.net.probs(batch["image"], mode) for mode in self.modes}
 
 
@@ -80,21 +80,28 @@ def actor_needs(cfg: EvalConfig) -> dict[str, float]:
     return {"CPU": 1.0, "GPU": cfg.gpus_per_actor}
 
 
-def infer_member(member: Member, prepared: Prepared, modes: tuple[str, ...], cfg: EvalConfig) -> dict[str, pa.Table]:
+def infer_member(member: Member, prepared: Prepared, modes: tuple[str, ...], cfg: EvalConfig,
+                 log: Log = print) -> dict[str, pa.Table]:
     """Ray Data batch inference of one member over the val split: {mode: table(path, label, probs)}, sorted by path."""
     from alexnet.datasets import decoded_images
 
-    ds = decoded_images(prepared.val_files, ["image", "label", "path"], num_cpus=1).map_batches(
+    ds = decoded_images(prepared.val_files, prepared.size, ["image", "label", "path"], num_cpus=1).map_batches(
         MemberPredictor, batch_size=cfg.batch_size,
         fn_constructor_kwargs={"member": member, "mean_image": prepared.mean_image, "size": prepared.size,
                                "modes": modes, "use_gpu": cfg.gpus_per_actor > 0}, **actor_pool(cfg))
     parts: dict[str, list] = {"path": [], "label": []} | {m: [] for m in modes}
+    damaged: list[str] = []
     for batch in watched(ds.iter_batches(batch_size=None, batch_format="numpy"), cfg.resource_wait_s,
                          actor_needs(cfg), "the inference actors"):
-        parts["path"].append(batch["path"].astype(str))
-        parts["label"].append(batch["label"])
+        ok = batch["valid"]
+        damaged += batch["path"][~ok].astype(str).tolist()
+        parts["path"].append(batch["path"][ok].astype(str))
+        parts["label"].append(batch["label"][ok])
         for m in modes:
-            parts[m].append(batch[f"probs_{m}"].astype(np.float32))
+            parts[m].append(batch[f"probs_{m}"][ok].astype(np.float32))
+    if damaged:
+        log(f"WARNING: {len(damaged)} stored validation image(s) do not decode and are left out of the "
+            f"evaluation: {', '.join(sorted(damaged)[:10])}{' ...' if len(damaged) > 10 else ''}")
     if not parts["path"]:
         raise UsageError(f"{prepared.path} has no validation images")
     paths = np.concatenate(parts["path"])
@@ -142,7 +149,7 @@ def member_outputs(members: list[Member], prepared: Prepared, cfg: EvalConfig, r
         if missing:
             start = time.perf_counter()
             log(f"  member {i}/{len(members)} {m.name}: inference ({', '.join(missing)})")
-            fresh = infer_member(m, prepared, missing, cfg)
+            fresh = infer_member(m, prepared, missing, cfg, log)
             with tempfile.TemporaryDirectory() as tmp:
                 for mode, table in fresh.items():
                     pq.write_table(table, Path(tmp) / f"softmax-{mode}.parquet", compression="zstd")
@@ -161,7 +168,7 @@ def _check_aligned(outputs: dict[str, dict[str, pa.Table]], prepared: Prepared) 
     reference = None
     for run_id, tables in outputs.items():
         for mode, table in tables.items():
-            if table.num_rows != prepared.val_rows:
+            if table.num_rows > prepared.val_rows:  # fewer: damaged images left out, with a warning
                 raise RuntimeError(f"member {run_id} {mode}: {table.num_rows} outputs for {prepared.val_rows} val images")
             if reference is None:
                 reference = table.select(["path", "label"])

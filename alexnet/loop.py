@@ -23,7 +23,7 @@ from alexnet.optim import build_optimizer
 # Per-epoch metrics, as reported by the workers and logged to MLflow (with "epoch" as the step).
 METRICS = ("train/loss", "train/top1_err", "val/loss", "val/top1_err", "val/top5_err", "val/top1_err_10crop",
            "val/top5_err_10crop", "val/images", "best_val_top1_err", "lr", "images_per_s", "data_wait_frac",
-           "epoch_seconds", "epoch")
+           "epoch_seconds", "epoch", "train/damaged_images", "val/damaged_images")
 
 
 def epoch_metrics(report: dict) -> dict[str, float]:
@@ -49,27 +49,30 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def train_epoch(net, optimizer, batches, normalizer: Normalizer, cfg: TrainConfig, device: torch.device) -> dict:
     """One pass over this worker's shard; sums (not means) so that workers can be added up."""
     net.train()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct, images, damaged images
     waited, start = 0.0, time.perf_counter()
     ready = time.perf_counter()
     for batch in batches:
         waited += time.perf_counter() - ready
         x = normalizer(batch["image"], batch["offset"], batch["flip"], batch["light"] if cfg.pca_lighting else None)
         y = batch["label"].to(device, non_blocking=True)
+        valid = batch["valid"].to(device, non_blocking=True).double()  # damaged stored images: masked out
         with _autocast(cfg, device):
             logits = net(x)
-        loss = F.cross_entropy(logits.float(), y)
+        losses = F.cross_entropy(logits.float(), y, reduction="none")
+        count = valid.sum()
+        loss = (losses * valid).sum() / count.clamp_min(1)  # every worker still steps (DDP lockstep)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                   torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+            totals += torch.stack([loss.detach().double() * count, ((logits.argmax(1) == y) * valid).sum(),
+                                   count, len(y) - count])
         ready = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    loss_sum, correct, n = totals.tolist()
-    return {"loss_sum": loss_sum, "correct": correct, "n": n, "waited": waited,
+    loss_sum, correct, n, damaged = totals.tolist()
+    return {"loss_sum": loss_sum, "correct": correct, "n": n, "damaged": damaged, "waited": waited,
             "seconds": time.perf_counter() - start}
 
 
@@ -95,17 +98,17 @@ def evaluate(model, batches, normalizer: Normalizer, cfg: TrainConfig, size: int
              device: torch.device) -> dict:
     """Sums of loss, top-1 and top-5 hits over `batches`, softmax averaged over the views of `mode`."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # nll sum, top1, top5, images
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # nll sum, top1, top5, images, damaged images
     for batch in batches:
         y = batch["label"].to(device, non_blocking=True)
+        valid = batch["valid"].to(device, non_blocking=True).double()  # damaged stored images: left out, counted
         probs = view_probs(model, batch["image"], normalizer, cfg, size, mode, device)
         k = min(5, probs.shape[1])
         topk = probs.topk(k, 1).indices
-        hits = topk == y[:, None]
-        nll = -probs.gather(1, y[:, None]).clamp_min(1e-12).log().sum()
-        totals += torch.stack([nll.double(), hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                               torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
-    return dict(zip(("nll_sum", "top1", "top5", "n"), totals.tolist()))
+        hits = (topk == y[:, None]).double() * valid[:, None]
+        nll = -(probs.gather(1, y[:, None]).clamp_min(1e-12).log()[:, 0] * valid).sum()
+        totals += torch.stack([nll.double(), hits[:, 0].sum(), hits.amax(1).sum(), valid.sum(), len(y) - valid.sum()])
+    return dict(zip(("nll_sum", "top1", "top5", "n", "damaged"), totals.tolist()))
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -123,11 +126,11 @@ def _validate(model, val_shard, normalizer, cfg: TrainConfig, size: int, per_wor
     for mode in modes:
         e = evaluate(model, val_shard.iter_torch_batches(batch_size=per_worker, device=device),
                      normalizer, cfg, size, mode, device)
-        nll, top1, top5, m = _all_reduce([e["nll_sum"], e["top1"], e["top5"], e["n"]], device)
+        nll, top1, top5, m, damaged = _all_reduce([e["nll_sum"], e["top1"], e["top5"], e["n"], e["damaged"]], device)
         suffix = "" if mode == "center" else "_10crop"
         metrics |= {f"val/top1_err{suffix}": 1 - top1 / max(m, 1), f"val/top5_err{suffix}": 1 - top5 / max(m, 1)}
         if mode == "center":
-            metrics |= {"val/loss": nll / max(m, 1), "val/images": m}
+            metrics |= {"val/loss": nll / max(m, 1), "val/images": m, "val/damaged_images": damaged}
     return metrics
 
 
@@ -171,8 +174,8 @@ def train_loop_per_worker(config: dict) -> None:
         batches = train_shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device,
                                                  local_shuffle_buffer_size=cfg.shuffle_buffer or None)
         t = train_epoch(net, optimizer, batches, normalizer, cfg, device)
-        loss_sum, correct, n, waited, busy = _all_reduce(
-            [t["loss_sum"], t["correct"], t["n"], t["waited"], t["seconds"]], device)
+        loss_sum, correct, n, damaged, waited, busy = _all_reduce(
+            [t["loss_sum"], t["correct"], t["n"], t["damaged"], t["waited"], t["seconds"]], device)
         if n == 0:
             raise RuntimeError(f"no full batch of {per_worker} images per worker: lower --batch-size")
         if not math.isfinite(loss_sum):  # nothing later can recover: stop instead of training on NaNs
@@ -180,6 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
                                f"(lower --lr, now {lr:g})")
         metrics: dict[str, Any] = {
             "epoch": epoch + 1, "lr": lr, "train/loss": loss_sum / n, "train/top1_err": 1 - correct / n,
+            "train/damaged_images": damaged,
             "images_per_s": n / t["seconds"], "data_wait_frac": waited / busy, "epoch_seconds": t["seconds"],
         }
         if val_shard is not None:

@@ -38,7 +38,8 @@ class NeighbourSearch:
 def _decode_keep_jpeg(batch: dict) -> dict:
     from alexnet.augment import eval_batch
 
-    return eval_batch(batch) | {"jpeg": batch["image"]}
+    out = eval_batch(batch) | {"jpeg": np.asarray(batch["image"], dtype=object)}
+    return {k: v[out["valid"]] for k, v in out.items()}  # a damaged image is nobody's neighbour
 
 
 def figure4(member: Member, prepared: Prepared, cfg: EvalConfig, path: Path, k: int = 6) -> list[dict]:

@@ -108,10 +108,12 @@ class Prepared:
         return int(self.summary["rows_written"].get("val", 0))
 
     def val_fingerprint(self) -> str:
-        """Names the validation set a stored output belongs to (shard names and sizes, preprocessing run)."""
+        """Names the validation set a stored output belongs to (shard names, sizes and times, preprocessing run):
+        a shard rewritten in place (or copied without its times) is inferred again."""
         h = hashlib.sha1(str(self.summary.get("mlflow_run_id")).encode())
         for f in sorted(self.val_files):
-            h.update(f"{Path(f).name}:{Path(f).stat().st_size}".encode())
+            stat = Path(f).stat()
+            h.update(f"{Path(f).name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         return h.hexdigest()[:12]
 
 

@@ -86,6 +86,13 @@ class TrainingReporter(UserCallback):
         print(format_epoch(m, self.epochs), flush=True)
         self.outbox.write({"op": "metrics", "step": int(m["epoch"]), "metrics": epoch_metrics(m),
                            "ms": int(time.time() * 1000)})
+        damaged = {k: int(m[k]) for k in ("train/damaged_images", "val/damaged_images") if m.get(k)}
+        if damaged:
+            warning = (f"epoch {m['epoch']}: stored images that do not decode were skipped ("
+                       + ", ".join(f"{k} {v}" for k, v in damaged.items()) + "): the shards are damaged; run "
+                       "pipelines/preprocess.py again on the input to rewrite them")
+            print(f"WARNING: {warning}", flush=True)
+            self.outbox.write({"op": "tags", "tags": {"warning_damaged_images": warning}})
         self.losses.append(float(m["train/loss"]))
         message = stall_message(self.losses, self.num_classes)
         if message and not self.warned:

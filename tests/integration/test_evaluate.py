@@ -274,3 +274,25 @@ def test_a_member_whose_weights_changed_is_inferred_again(members, learnable, ml
         assert f"{name}: inference (center)" in out and out.count("stored outputs reused") == 2, out
     finally:
         client.set_tag(members[0], "best_checkpoint", best)
+
+
+def test_a_damaged_validation_image_is_left_out_of_the_evaluation_and_named(members, learnable, mlflow_uri, tmp_path,
+                                                                          capsys):
+    import shutil
+
+    from tests.integration.test_train import _damage_jpegs_in_place
+
+    data = tmp_path / "data"
+    shutil.copytree(learnable, data)
+    shard = sorted((data / "val").glob("*.parquet"))[0]
+    victim = pq.read_table(shard, columns=["path"])["path"][2].as_py()
+    _damage_jpegs_in_place(shard, [2])
+    argv = ["--data", str(data), "--runs", members[0], "--sizes", "1", "--crops", "center", "--figure4", "0",
+            "--run-name", "damaged-val"]
+    assert eval_cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"WARNING: 1 stored validation image(s) do not decode and are left out of the evaluation: {victim}" in out
+    client = MlflowClient(mlflow_uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("ensembles").experiment_id],
+                                   filter_string="tags.mlflow.runName = 'damaged-val'")
+    assert parent.data.metrics["val/images"] == 47  # 48 stored

@@ -204,6 +204,38 @@ def test_shards_that_disagree_with_the_summary_exit_2_naming_the_shard_before_ra
     assert not (tmp_path / "ckpt").exists()
 
 
+def _damage_jpegs_in_place(shard: Path, rows: list[int]) -> None:
+    """Zero the start of some rows' JPEG bytes inside the shard: the file keeps its size and stays readable
+    Parquet (bit rot, a bad sector), the images no longer decode."""
+    import pyarrow.parquet as pq
+
+    raw = bytearray(shard.read_bytes())
+    images = pq.read_table(shard, columns=["image"])["image"].to_pylist()
+    for row in rows:
+        at = raw.find(images[row])
+        assert at > 0
+        raw[at:at + 64] = bytes(64)
+    shard.write_bytes(bytes(raw))
+
+
+def test_images_damaged_inside_intact_shards_are_skipped_and_counted_not_a_crash(learnable, small_args, mlflow_uri,
+                                                                                tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(learnable, data)
+    _damage_jpegs_in_place(data / "train" / "part-00000.parquet", [0, 3, 7])
+    _damage_jpegs_in_place(sorted((data / "val").glob("*.parquet"))[0], [1])
+    argv = ["--data", str(data), "--epochs", "2", "--run-name", "damaged", "--storage-path", str(tmp_path / "ckpt"),
+            "--num-workers", "2", *small_args, "--batch-size", "40"]  # 2 x 5 x 20 = 200: no row dropped
+    assert cli.main(argv) == 0
+    run_id = _run_id(mlflow_uri, "damaged")
+    assert _history(mlflow_uri, run_id, "train/damaged_images") == [(1, 3.0), (2, 3.0)]
+    assert _history(mlflow_uri, run_id, "val/damaged_images") == [(1, 1.0), (2, 1.0)]
+    assert _history(mlflow_uri, run_id, "val/images") == [(1, 47.0), (2, 47.0)]  # 48 stored, 1 damaged
+    warning = MlflowClient(mlflow_uri).get_run(run_id).data.tags["warning_damaged_images"]
+    assert warning.startswith("epoch 2: stored images that do not decode were skipped (train/damaged_images 3, "
+                              "val/damaged_images 1)")
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_readable_one(learnable, small_args, mlflow_uri,
                                                                            tmp_path, capsys):
     storage = tmp_path / "ckpt"

@@ -117,3 +117,20 @@ def test_eval_view_equals_cropping_by_hand():
         ref = batch["image"][:, :, y:y + CROP, x:x + CROP].astype(np.float32) - \
             mean[y:y + CROP, x:x + CROP].transpose(2, 0, 1)
         np.testing.assert_allclose(got, ref[..., ::-1] if flip else ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("first_damaged", [False, True])
+def test_a_damaged_stored_image_is_marked_invalid_and_the_rest_decode_as_always(first_damaged):
+    good = _stored(3, seed=8)
+    wrong_size = encode_jpeg(np.zeros((SIZE + 8, SIZE, 3), np.uint8), 95)
+    damaged = [good[0][: len(good[0]) // 3], b"not a jpeg", wrong_size]
+    jpegs = (damaged + good) if first_damaged else (good + damaged)
+    batch = {"image": np.array(jpegs, dtype=object), "label": np.arange(6)}
+    ev = eval_batch(batch, size=SIZE)
+    tr = train_batch(batch, crop=CROP, eigenvalues=EIGVALS, eigenvectors=EIGVECS, sigma=0.1, size=SIZE)
+    bad = np.array([True] * 3 + [False] * 3) if first_damaged else np.array([False] * 3 + [True] * 3)
+    for out in (ev, tr):
+        np.testing.assert_array_equal(out["valid"], ~bad)
+        assert len(out["image"]) == len(out["label"]) == 6  # the batch keeps its rows
+        assert not out["image"][bad].any()
+    np.testing.assert_array_equal(ev["image"][~bad], np.stack([decode_image(b) for b in good]))

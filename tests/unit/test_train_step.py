@@ -24,7 +24,8 @@ def _batches(n_batches: int, batch: int, seed: int, whole: bool = False):
         side = SIZE if whole else CROP
         images = rng.integers(0, 120, (batch, 3, side, side))
         images[np.arange(batch), labels] += 120
-        b = {"image": torch.from_numpy(images.astype(np.uint8)), "label": torch.from_numpy(labels)}
+        b = {"image": torch.from_numpy(images.astype(np.uint8)), "label": torch.from_numpy(labels),
+             "valid": torch.ones(batch, dtype=torch.bool)}
         if not whole:
             b |= {"offset": torch.from_numpy(rng.integers(0, SIZE - CROP + 1, (batch, 2)).astype(np.int32)),
                   "flip": torch.from_numpy(rng.random(batch) < 0.5), "light": torch.zeros(batch, 3)}
@@ -56,6 +57,35 @@ def test_an_epoch_sums_what_workers_add_up_and_the_net_learns_on_cpu():
     assert before["n"] == after["n"] == 64
     assert after["top1"] > before["top1"] and after["top1"] >= 0.8 * 64
     assert after["top5"] == 64  # 3 classes: the top 5 always holds the label
+
+
+def test_damaged_images_change_nothing_but_their_count():
+    """Rows marked invalid (a JPEG that does not decode, kept as zeros so every worker keeps its step count)
+    neither move the weights nor enter the loss, hits or image counts: whatever their pixels and labels."""
+    cfg = TrainConfig(data="unused", width=0.25, image_size=CROP, init="pytorch", lr=0.005, dropout=0.0)
+    norm = Normalizer(np.full((SIZE, SIZE, 3), 60.0, np.float32), torch.device("cpu"))
+    results = []
+    for garbage in (0, 1):
+        batches = _batches(3, 16, 7)
+        for b in batches:
+            b["valid"][[2, 5]] = False
+            b["image"][[2, 5]] = 255 * garbage
+            b["label"][[2, 5]] = garbage * 2
+        torch.manual_seed(0)
+        model = build_model(cfg, CLASSES, [torch.device("cpu")])
+        opt = build_optimizer("paper", model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+        stats = train_epoch(model, opt, batches, norm, cfg, torch.device("cpu"))
+        whole = _batches(2, 16, 9, whole=True)
+        for b in whole:
+            b["valid"][0] = False
+            b["label"][0] = garbage
+        results.append((stats, evaluate(model, whole, norm, cfg, SIZE, "center", torch.device("cpu")),
+                        [p.detach().clone() for p in model.parameters()]))
+    (s0, e0, w0), (s1, e1, w1) = results
+    assert s0["n"] == 3 * 14 and s0["damaged"] == 6 and e0["n"] == 2 * 15 and e0["damaged"] == 2
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(w0, w1))
+    assert s0["loss_sum"] == pytest.approx(s1["loss_sum"]) and s0["correct"] == s1["correct"]
+    assert {k: e0[k] for k in ("nll_sum", "top1", "top5")} == pytest.approx({k: e1[k] for k in ("nll_sum", "top1", "top5")})
 
 
 @pytest.mark.gpu
