@@ -9,18 +9,17 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from alexnet.config import EvalConfig, UsageError
+from alexnet.config import EvalConfig
+from alexnet.exits import run_job
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = EvalConfig.parse_args(argv, description=__doc__.splitlines()[0])
     from alexnet.evaluate import run_evaluation
 
-    try:
-        summary = run_evaluation(cfg)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary, code = run_job(run_evaluation, cfg)
+    if code is not None:
+        return code
     print(summary["table"])
     print(f"MLflow run id: {summary['mlflow_run_id']} (experiment {cfg.ensemble_experiment!r}; one nested run "
           "per ensemble size and crop mode)")

@@ -8,18 +8,17 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from alexnet.config import PreprocessConfig, UsageError
+from alexnet.config import PreprocessConfig
+from alexnet.exits import run_job
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = PreprocessConfig.parse_args(argv, description=__doc__.splitlines()[0])
     from alexnet.preprocess import format_summary, run_preprocess
 
-    try:
-        summary = run_preprocess(cfg)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary, code = run_job(run_preprocess, cfg)
+    if code is not None:
+        return code
     print(format_summary(summary))
     print(f"wrote {cfg.output}")
     if cfg.strict and sum(summary["rejects"].values()):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from alexnet.config import INTERRUPTED_EXIT, Interrupted, TrainConfig, UsageError
+from alexnet.config import TrainConfig
+from alexnet.exits import run_job
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,18 +23,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     unsent = None
     try:
-        summaries = run_members(cfg)
+        summaries, code = run_job(run_members, cfg)
     except Unsent as err:  # trained, but MLflow lacks part of it: say what and how to send it
-        summaries, unsent = err.summaries, err
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        summaries, unsent, code = err.summaries, err, None
     except TrainingFailedError as err:
         print(f"error: training failed: {err}", file=sys.stderr)
         return 1
-    except Interrupted as stop:
-        print(stop, file=sys.stderr)
-        return INTERRUPTED_EXIT
+    if code is not None:
+        return code
     for summary in summaries:
         print(f"{summary['run_name']}: best val/top1_err {summary['best_val_top1_err']:.4f} at epoch "
               f"{summary['best_epoch']}; model {summary['model_uri']}")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from alexnet.config import INTERRUPTED_EXIT, Interrupted, SweepConfig, UsageError
+from alexnet.config import SweepConfig
+from alexnet.exits import run_job
 
 FAILED_BASE = 64
 
@@ -20,14 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = SweepConfig.parse_args(argv, description=__doc__.splitlines()[0])
     from tuning.sweep import run_sweep
 
-    try:
-        summary = run_sweep(cfg)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Interrupted as stop:
-        print(stop, file=sys.stderr)
-        return INTERRUPTED_EXIT
+    summary, code = run_job(run_sweep, cfg)
+    if code is not None:
+        return code
     print(summary["table"])
     if summary["best_command"]:
         print(f"best: {summary['best']['trial']} (val/top1_err {summary['best']['best_val_top1_err']:.4f}); retrain with:")

@@ -1,0 +1,23 @@
+"""How an entry point ends when its job does not: one line on stderr and an exit code per kind."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from alexnet.config import INTERRUPTED_EXIT, Interrupted, UsageError
+
+USAGE_EXIT = 2
+
+
+def run_job(job: Callable[..., Any], *args: Any) -> tuple[Any, int | None]:
+    """(what `job` returned, None), or (None, exit code) once the reason is printed: a UsageError is exit 2,
+    Ctrl-C (Interrupted) 130."""
+    try:
+        return job(*args), None
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None, USAGE_EXIT
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        return None, INTERRUPTED_EXIT
