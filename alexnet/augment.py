@@ -57,24 +57,79 @@ def lighting(alphas: np.ndarray, eigenvalues: np.ndarray, eigenvectors: np.ndarr
     return (255.0 * (alphas * eigenvalues) @ np.asarray(eigenvectors).T).astype(np.float32)
 
 
+def draw_augmentation(n: int, size: int, crop: int, eigenvalues: np.ndarray, eigenvectors: np.ndarray,
+                      sigma: float) -> dict:
+    """Fresh random draws for n images (OS entropy: new every epoch): crop offsets, flips, lighting offsets."""
+    rng = np.random.default_rng()
+    offsets = np.stack([rng.integers(0, size - crop + 1, n), rng.integers(0, size - crop + 1, n)], 1)
+    alphas = rng.normal(0.0, sigma, (n, 3)) if sigma > 0 else np.zeros((n, 3))
+    return {"offset": offsets.astype(np.int32), "flip": rng.random(n) < 0.5,
+            "light": lighting(alphas, np.asarray(eigenvalues), np.asarray(eigenvectors))}
+
+
 def train_batch(batch: dict, *, crop: int, eigenvalues: np.ndarray, eigenvectors: np.ndarray,
                 sigma: float, size: int | None = None) -> dict:
-    """Ray Data map_batches: stored JPEGs -> random crops, flips and lighting offsets (and `valid`, see
-    decode_checked)."""
-    rng = np.random.default_rng()  # fresh OS entropy every call: new draws every epoch
+    """Ray Data map_batches (--decode cpu): stored JPEGs -> random crops, flips and lighting offsets (and
+    `valid`, see decode_checked)."""
     images, valid = decode_checked(batch["image"], size)
     n, size = len(images), images.shape[2]
-    ys = rng.integers(0, size - crop + 1, n)
-    xs = rng.integers(0, size - crop + 1, n)
-    flips = rng.random(n) < 0.5
+    draws = draw_augmentation(n, size, crop, eigenvalues, eigenvectors, sigma)
     out = np.empty((n, 3, crop, crop), np.uint8)
-    for i, image in enumerate(images):
-        patch = image[:, ys[i]:ys[i] + crop, xs[i]:xs[i] + crop]
-        out[i] = patch[:, :, ::-1] if flips[i] else patch
-    alphas = rng.normal(0.0, sigma, (n, 3)) if sigma > 0 else np.zeros((n, 3))
-    return {"image": out, "offset": np.stack([ys, xs], 1).astype(np.int32), "flip": flips,
-            "light": lighting(alphas, np.asarray(eigenvalues), np.asarray(eigenvectors)),
-            "label": np.asarray(batch["label"], np.int64), "valid": valid}
+    for i, ((y, x), flip) in enumerate(zip(draws["offset"], draws["flip"])):
+        patch = images[i, :, y:y + crop, x:x + crop]
+        out[i] = patch[:, :, ::-1] if flip else patch
+    return {"image": out, **draws, "label": np.asarray(batch["label"], np.int64), "valid": valid}
+
+
+def train_draws(batch: dict, *, crop: int, eigenvalues: np.ndarray, eigenvectors: np.ndarray,
+                sigma: float, size: int) -> dict:
+    """Ray Data map_batches (--decode gpu): the stored JPEG bytes untouched and the random draws; the worker
+    decodes and crops on its GPU (`decode_on_device`, `crop_on_device`)."""
+    draws = draw_augmentation(len(batch["image"]), size, crop, eigenvalues, eigenvectors, sigma)
+    return {"jpeg": batch["image"], **draws, "label": np.asarray(batch["label"], np.int64)}
+
+
+def decode_on_device(jpegs, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored JPEG bytes -> ((N, 3, S, S) uint8, (N,) bool valid), decoded on `device` (nvJPEG for a whole batch
+    in one call); an image that does not decode to S x S is zeros, marked invalid, as in decode_checked."""
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
+    try:
+        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one damaged image fails the batch call: decode one by one to find it
+        images = []
+        for d in data:
+            try:
+                images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                images.append(None)
+    valid = [im is not None and tuple(im.shape) == (3, size, size) for im in images]
+    if all(valid):
+        return torch.stack(images), torch.ones(len(images), dtype=torch.bool, device=device)
+    out = torch.zeros((len(images), 3, size, size), dtype=torch.uint8, device=device)
+    for i, ok in enumerate(valid):
+        if ok:
+            out[i] = images[i]
+    return out, torch.tensor(valid, device=device)
+
+
+def crop_on_device(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, crop: int) -> torch.Tensor:
+    """(N, 3, S, S) -> (N, 3, crop, crop): each image's patch at its offset, mirrored where flips (one gather)."""
+    steps = torch.arange(crop, device=images.device)
+    rows = offsets[:, 0, None].long() + steps
+    cols = offsets[:, 1, None].long() + steps
+    cols = torch.where(flips[:, None].bool(), cols.flip(1), cols)
+    n = torch.arange(len(images), device=images.device)[:, None, None]
+    return images[n, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def gpu_train_batch(batch: dict, size: int, crop: int, device: torch.device) -> dict:
+    """A numpy batch of `train_draws` -> the tensors `train_batch` would have given, on `device`."""
+    images, valid = decode_on_device(batch["jpeg"], size, device)
+    offsets = torch.from_numpy(batch["offset"]).to(device, non_blocking=True)
+    flips = torch.from_numpy(batch["flip"]).to(device, non_blocking=True)
+    return {"image": crop_on_device(images, offsets, flips, crop), "offset": offsets, "flip": flips,
+            "light": torch.from_numpy(batch["light"]).to(device, non_blocking=True),
+            "label": torch.from_numpy(batch["label"]).to(device, non_blocking=True), "valid": valid}
 
 
 def eval_batch(batch: dict, size: int | None = None) -> dict:

@@ -15,21 +15,12 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import yaml
 
+from alexnet.exits import INTERRUPTED_EXIT, Interrupted, UsageError  # noqa: F401 - the jobs import them from here
 from alexnet.model import ModelConfig
 
 C = TypeVar("C", bound="ConfigBase")
 Log = Callable[[str], None]  # where a job's console lines go (print, or a test's collector)
 
-
-class UsageError(ValueError):
-    """Wrong input from the user: reported in one line, exit code 2, before any Ray work."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C (SIGINT) ended the job: its MLflow runs are KILLED, its state resumable; exit code 130."""
-
-
-INTERRUPTED_EXIT = 130
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -265,6 +256,10 @@ class TrainConfig(ConfigBase, ModelConfig):
     pixel_scale: float = field(1.0, help="inputs are (pixels - mean image) x this; the paper used raw 0-255 (1.0)")
     eval_10crop_every: int = field(10, help="also report val/top1_err_10crop every N epochs (0: last epoch only)")
     shuffle_buffer: int = field(1000, help="rows in each worker's local shuffle buffer")
+    decode: str = field("cpu", help="cpu: Ray Data's CPU tasks decode and crop; gpu: they only read the JPEG bytes, "
+                        "each worker decodes and crops its batch on its GPU", choices=("cpu", "gpu"))
+    input_only: bool = field(False, help="measure the input alone: every batch reaches the worker's device as the "
+                             "model would get it, then is dropped (no model, no checkpoint); logs images_per_s")
     # speed-ups (not in the paper)
     amp: bool = field(False, help="bfloat16 autocast for the forward pass")
     channels_last: bool = field(False, help="NHWC memory format")
@@ -298,6 +293,7 @@ class TrainConfig(ConfigBase, ModelConfig):
              "need --lr > 0, 0 <= --momentum < 1, --weight-decay >= 0"),
             (self.lr_patience >= 0 and self.max_lr_drops >= 0, "--lr-patience and --max-lr-drops must be >= 0"),
             (self.lighting_sigma >= 0 and self.pixel_scale > 0, "need --lighting-sigma >= 0 and --pixel-scale > 0"),
+            (self.decode == "cpu" or self.gpus_per_worker > 0, "--decode gpu needs --gpus-per-worker 1 or 2"),
             (self.eval_10crop_every >= 0 and self.shuffle_buffer >= 0 and self.keep_checkpoints >= 1
              and self.max_failures >= 0, "need --eval-10crop-every, --shuffle-buffer, --max-failures >= 0 "
              "and --keep-checkpoints >= 1"),

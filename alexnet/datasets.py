@@ -5,7 +5,7 @@ from __future__ import annotations
 import ray
 from ray.train import DataConfig
 
-from alexnet.augment import eval_batch, train_batch
+from alexnet.augment import eval_batch, train_batch, train_draws
 from alexnet.config import TrainConfig
 from alexnet.prepared import ROW_GROUP_BYTES, Prepared
 
@@ -43,8 +43,10 @@ def build_datasets(cfg: TrainConfig, prepared: Prepared) -> dict[str, ray.data.D
     sigma = cfg.lighting_sigma if cfg.pca_lighting else 0.0
     # File order reshuffled every epoch (streaming; a block-level shuffle would wait for the whole read),
     # rows mixed further in each worker's local shuffle buffer.
+    # --decode gpu: the tasks only read bytes and draw the crops; each worker decodes its batch on its GPU
     train = (read_shards(prepared.train_files, ["image", "label"], shuffle="files")
-             .map_batches(train_batch, batch_size=DECODE_BATCH, batch_format="numpy",
+             .map_batches(train_draws if cfg.decode == "gpu" else train_batch, batch_size=DECODE_BATCH,
+                          batch_format="numpy",
                           fn_kwargs=dict(crop=cfg.image_size, eigenvalues=prepared.eigenvalues,
                                          eigenvectors=prepared.eigenvectors, sigma=sigma, size=prepared.size)))
     datasets = {"train": train}

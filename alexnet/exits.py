@@ -5,9 +5,17 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from alexnet.config import INTERRUPTED_EXIT, Interrupted, UsageError
-
 USAGE_EXIT = 2
+INTERRUPTED_EXIT = 130
+
+
+class UsageError(ValueError):
+    """Wrong input from the user: reported in one line, exit code 2, before any Ray work."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) ended the job: its MLflow runs are KILLED, its state resumable; exit code 130."""
+
 
 
 def run_job(job: Callable[..., Any], *args: Any) -> tuple[Any, int | None]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from alexnet.augment import Normalizer, eval_views
+from alexnet.augment import Normalizer, eval_views, gpu_train_batch
 from alexnet.checkpoints import (load_initial_weights, read_state, report_with_checkpoint, restore_training_state,
                                  training_state)
 from alexnet.config import TrainConfig
@@ -23,7 +23,7 @@ from alexnet.optim import build_optimizer
 # Per-epoch metrics, as reported by the workers and logged to MLflow (with "epoch" as the step).
 METRICS = ("train/loss", "train/top1_err", "val/loss", "val/top1_err", "val/top5_err", "val/top1_err_10crop",
            "val/top5_err_10crop", "val/images", "best_val_top1_err", "lr", "images_per_s", "data_wait_frac",
-           "epoch_seconds", "epoch", "train/damaged_images", "val/damaged_images")
+           "epoch_seconds", "epoch", "train/damaged_images", "val/damaged_images", "first_batch_s", "train/images")
 
 
 def epoch_metrics(report: dict) -> dict[str, float]:
@@ -46,17 +46,34 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp)
 
 
+def epoch_batches(shard, cfg: TrainConfig, per_worker: int, size: int, device: torch.device):
+    """This worker's training batches for one epoch, as tensors on `device` (decoded there with --decode gpu)."""
+    common = dict(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=cfg.shuffle_buffer or None)
+    if cfg.decode == "gpu":
+        return (gpu_train_batch(b, size, cfg.image_size, device)
+                for b in shard.iter_batches(batch_format="numpy", **common))
+    return shard.iter_torch_batches(device=device, **common)
+
+
 def train_epoch(net, optimizer, batches, normalizer: Normalizer, cfg: TrainConfig, device: torch.device) -> dict:
-    """One pass over this worker's shard; sums (not means) so that workers can be added up."""
-    net.train()
+    """One pass over this worker's shard; sums (not means) so that workers can be added up. `net` None
+    (--input-only): each batch is made into the model's input on the device, then dropped."""
+    if net is not None:
+        net.train()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct, images, damaged images
-    waited, start = 0.0, time.perf_counter()
+    waited, start, first = 0.0, time.perf_counter(), None
     ready = time.perf_counter()
     for batch in batches:
         waited += time.perf_counter() - ready
+        first = first if first is not None else time.perf_counter() - start
         x = normalizer(batch["image"], batch["offset"], batch["flip"], batch["light"] if cfg.pca_lighting else None)
         y = batch["label"].to(device, non_blocking=True)
         valid = batch["valid"].to(device, non_blocking=True).double()  # damaged stored images: masked out
+        if net is None:
+            totals += torch.stack([x.new_zeros((), dtype=torch.float64), valid.new_zeros(()), valid.sum(),
+                                   len(y) - valid.sum()])
+            ready = time.perf_counter()
+            continue
         with _autocast(cfg, device):
             logits = net(x)
         losses = F.cross_entropy(logits.float(), y, reduction="none")
@@ -73,7 +90,7 @@ def train_epoch(net, optimizer, batches, normalizer: Normalizer, cfg: TrainConfi
         torch.cuda.synchronize(device)
     loss_sum, correct, n, damaged = totals.tolist()
     return {"loss_sum": loss_sum, "correct": correct, "n": n, "damaged": damaged, "waited": waited,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "first_batch_s": first or 0.0}
 
 
 def view_batch(normalizer: Normalizer, images: torch.Tensor, size: int, crop: int, mode: str):
@@ -146,6 +163,11 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     devices = list(ray.train.torch.get_devices()) if cfg.gpus_per_worker else [torch.device("cpu")]
     device = devices[0]  # input, output layer and loss live on the first device
+    normalizer = Normalizer(config["mean_image"], device, cfg.pixel_scale, cfg.channels_last)
+    train_shard = ray.train.get_dataset_shard("train")
+    per_worker = cfg.batch_size // world
+    if cfg.input_only:
+        return _input_only_per_worker(cfg, train_shard, normalizer, per_worker, config["size"], device, world)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, config["num_classes"], devices)
     if cfg.channels_last:
@@ -163,17 +185,13 @@ def train_loop_per_worker(config: dict) -> None:
     start_epoch, best = restore_training_state(model, optimizer, scheduler, ray.train.get_checkpoint())
     if start_epoch == 0 and config.get("init_from"):
         load_initial_weights(model, read_state(config["init_from"]))
-    normalizer = Normalizer(config["mean_image"], device, cfg.pixel_scale, cfg.channels_last)
-    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
-    per_worker = cfg.batch_size // world
 
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(_epoch_seed(cfg.seed, epoch, rank))
         lr = optimizer.param_groups[0]["lr"]
-        batches = train_shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device,
-                                                 local_shuffle_buffer_size=cfg.shuffle_buffer or None)
-        t = train_epoch(net, optimizer, batches, normalizer, cfg, device)
+        t = train_epoch(net, optimizer, epoch_batches(train_shard, cfg, per_worker, config["size"], device),
+                        normalizer, cfg, device)
         loss_sum, correct, n, damaged, waited, busy = _all_reduce(
             [t["loss_sum"], t["correct"], t["n"], t["damaged"], t["waited"], t["seconds"]], device)
         if n == 0:
@@ -185,6 +203,7 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch": epoch + 1, "lr": lr, "train/loss": loss_sum / n, "train/top1_err": 1 - correct / n,
             "train/damaged_images": damaged,
             "images_per_s": n / t["seconds"], "data_wait_frac": waited / busy, "epoch_seconds": t["seconds"],
+            "first_batch_s": t["first_batch_s"],
         }
         if val_shard is not None:
             metrics |= _validate(model, val_shard, normalizer, cfg, config["size"], per_worker, epoch, device)
@@ -197,3 +216,17 @@ def train_loop_per_worker(config: dict) -> None:
             report_with_checkpoint(metrics, training_state(model, optimizer, scheduler, epoch + 1, best, cfg))
         else:
             ray.train.report(metrics)
+
+
+def _input_only_per_worker(cfg: TrainConfig, shard, normalizer: Normalizer, per_worker: int, size: int,
+                           device: torch.device, world: int) -> None:
+    """--input-only: the epochs of the training input alone, measured as the model would receive it."""
+    import ray.train
+
+    for epoch in range(cfg.epochs):
+        t = train_epoch(None, None, epoch_batches(shard, cfg, per_worker, size, device), normalizer, cfg, device)
+        n, damaged, waited, busy, first = _all_reduce(
+            [t["n"], t["damaged"], t["waited"], t["seconds"], t["first_batch_s"]], device)
+        ray.train.report({"epoch": epoch + 1, "train/images": n, "train/damaged_images": damaged,
+                          "images_per_s": n / t["seconds"], "data_wait_frac": waited / busy,
+                          "epoch_seconds": t["seconds"], "first_batch_s": first / world})

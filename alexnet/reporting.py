@@ -28,7 +28,7 @@ def open_training_run(runs: Runs, cfg: TrainConfig, name: str, storage: str, pre
     found = runs.find(exp_id, {"ray_run_name": name, "ray_storage": storage})
     config = cfg.to_dict()
     if found is None:
-        tags = {"stage": "train", "ray_run_name": name, "ray_storage": storage, "mlflow.runName": name,
+        tags = {"stage": "input-only" if cfg.input_only else "train", "ray_run_name": name, "ray_storage": storage, "mlflow.runName": name,
                 "data.path": str(prepared.path), "data.size": str(prepared.size),
                 "data.train_rows": str(prepared.summary["rows_written"]["train"]),
                 "data.val_rows": str(prepared.val_rows),
@@ -51,14 +51,19 @@ def open_training_run(runs: Runs, cfg: TrainConfig, name: str, storage: str, pre
 
 def format_epoch(m: dict, epochs: int | None = None) -> str:
     """One console line per epoch."""
-    parts = [f"epoch {m['epoch']}{f'/{epochs}' if epochs else ''}",
-             f"train loss {m['train/loss']:.3f} err {100 * m['train/top1_err']:.1f}%"]
+    parts = [f"epoch {m['epoch']}{f'/{epochs}' if epochs else ''}"]
+    if "train/loss" in m:
+        parts.append(f"train loss {m['train/loss']:.3f} err {100 * m['train/top1_err']:.1f}%")
+    else:
+        parts.append(f"input only: {m['train/images']:,.0f} images")
     if "val/top1_err" in m:
         parts.append(f"val err {100 * m['val/top1_err']:.1f}% top5 {100 * m['val/top5_err']:.1f}%")
     if "val/top1_err_10crop" in m:
         parts.append(f"10crop {100 * m['val/top1_err_10crop']:.1f}%")
-    parts += [f"lr {m['lr']:.3g}", f"{m['images_per_s']:,.0f} img/s", f"data wait {100 * m['data_wait_frac']:.0f}%",
-              f"{m['epoch_seconds']:.1f}s"]
+    if "lr" in m:
+        parts.append(f"lr {m['lr']:.3g}")
+    parts += [f"{m['images_per_s']:,.0f} img/s", f"data wait {100 * m['data_wait_frac']:.0f}%",
+              f"first batch {m.get('first_batch_s', 0):.1f}s", f"{m['epoch_seconds']:.1f}s"]
     return "  ".join(parts)
 
 
@@ -93,6 +98,8 @@ class TrainingReporter(UserCallback):
                        "pipelines/preprocess.py again on the input to rewrite them")
             print(f"WARNING: {warning}", flush=True)
             self.outbox.write({"op": "tags", "tags": {"warning_damaged_images": warning}})
+        if "train/loss" not in m:  # --input-only
+            return
         self.losses.append(float(m["train/loss"]))
         message = stall_message(self.losses, self.num_classes)
         if message and not self.warned:

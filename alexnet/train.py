@@ -170,7 +170,7 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
     from alexnet.reporting import TrainingReporter, open_training_run
     from alexnet.tracking import Runs
 
-    name = cfg.run_name or time.strftime("alexnet-%Y%m%d-%H%M%S")
+    name = cfg.run_name or time.strftime("input-only-%Y%m%d-%H%M%S" if cfg.input_only else "alexnet-%Y%m%d-%H%M%S")
     check_resumable(storage_path(cfg.storage_path), name, log)  # a rerun with no readable checkpoint: exit 2 now
     prepared, uri, storage = preflight(cfg, log=log)
     runs = Runs(uri)
@@ -194,6 +194,8 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
         if waited:
             raise waited from err
         raise
+    if cfg.input_only:
+        return input_summary(runs, run_id, name, Outbox(runs, run_id, folder, log))
     best = min(result.best_checkpoints or [(result.checkpoint, {})],
                key=lambda pair: pair[1].get("val/top1_err", math.inf))[0]
     if best is None:
@@ -208,6 +210,21 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
     summary = {"mlflow_run_id": run_id, "run_name": name, "resumed": resumed, "model_uri": model_uri,
                "best_val_top1_err": state["best_top1_err"], "best_epoch": state["epoch"],
                "final_metrics": final, "checkpoint": where}
+    if unsent := outbox.unsent():
+        unsent.summaries = [summary]
+        raise unsent
+    return summary
+
+
+def input_summary(runs, run_id: str, name: str, outbox) -> dict:
+    """--input-only: the run finished with no model; its best epoch's delivery rate."""
+    outbox.write({"op": "finish", "status": "FINISHED"})
+    summary = {"mlflow_run_id": run_id, "run_name": name, "input_only": True}
+    if not outbox.ops:
+        rates = runs.metric_history(run_id, "images_per_s")
+        waits = dict(runs.metric_history(run_id, "first_batch_s"))
+        epoch, rate = max(rates, key=lambda e: e[1])
+        summary |= {"images_per_s": rate, "best_epoch": epoch, "first_batch_s": waits.get(epoch, math.nan)}
     if unsent := outbox.unsent():
         unsent.summaries = [summary]
         raise unsent

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Sequence
 
@@ -32,6 +33,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if code is not None:
         return code
     for summary in summaries:
+        if summary.get("input_only"):
+            print(f"{summary['run_name']}: input only: best epoch {summary.get('best_epoch')} delivered "
+                  f"{summary.get('images_per_s', math.nan):,.0f} img/s (first batch after "
+                  f"{summary.get('first_batch_s', math.nan):.2f} s)")
+            print(f"MLflow run id: {summary['mlflow_run_id']}")
+            continue
         print(f"{summary['run_name']}: best val/top1_err {summary['best_val_top1_err']:.4f} at epoch "
               f"{summary['best_epoch']}; model {summary['model_uri']}")
         print(f"MLflow run id: {summary['mlflow_run_id']}")

@@ -294,3 +294,26 @@ def test_ctrl_c_marks_the_run_killed_exits_130_and_the_same_command_resumes_it(l
     assert _run_id(mlflow_uri, "interrupted") == run_id
     assert [s for s, _ in _history(mlflow_uri, run_id, "epoch")] == [1, 2, 3, 4]
     assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_input_only_measures_the_input_as_the_model_gets_it_and_trains_nothing(learnable, small_args, mlflow_uri,
+                                                                              tmp_path, capsys):
+    storage = tmp_path / "ckpt"
+    argv = ["--data", str(learnable), "--input-only", "--epochs", "2", "--run-name", "input", "--num-workers", "2",
+            "--storage-path", str(storage), *small_args, "--batch-size", "40"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    run_id = _run_id(mlflow_uri, "input")
+    assert f"input: input only: best epoch " in out and f"MLflow run id: {run_id}" in out
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "input-only"
+    # every stored training image reaches a worker once per epoch: 200 = 2 workers x 5 batches x 20
+    assert _history(mlflow_uri, run_id, "train/images") == [(1, 200.0), (2, 200.0)]
+    assert [s for s, _ in _history(mlflow_uri, run_id, "images_per_s")] == [1, 2]
+    assert all(0 <= w <= 1 for _, w in _history(mlflow_uri, run_id, "data_wait_frac"))
+    assert all(f >= 0 for _, f in _history(mlflow_uri, run_id, "first_batch_s"))
+    assert not _history(mlflow_uri, run_id, "train/loss")  # no model ran
+    assert not list(storage.glob("input/checkpoint_*"))
+    assert not client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                           filter_string=f"source_run_id = '{run_id}'")

@@ -134,3 +134,49 @@ def test_a_damaged_stored_image_is_marked_invalid_and_the_rest_decode_as_always(
         assert len(out["image"]) == len(out["label"]) == 6  # the batch keeps its rows
         assert not out["image"][bad].any()
     np.testing.assert_array_equal(ev["image"][~bad], np.stack([decode_image(b) for b in good]))
+
+
+def _gpu_path_batch(jpegs: list[bytes]) -> dict:
+    from alexnet.augment import train_draws
+
+    return train_draws({"image": np.array(jpegs, dtype=object), "label": np.arange(len(jpegs))}, crop=CROP,
+                       eigenvalues=EIGVALS, eigenvectors=EIGVECS, sigma=0.1, size=SIZE)
+
+
+def _cpu_crops(jpegs: list[bytes], batch: dict) -> np.ndarray:
+    """What train_batch cuts, for the same draws: the reference of the device path."""
+    images = np.stack([decode_image(b) for b in jpegs])
+    out = []
+    for image, (y, x), flip in zip(images, batch["offset"], batch["flip"]):
+        patch = image[:, y:y + CROP, x:x + CROP]
+        out.append(patch[:, :, ::-1] if flip else patch)
+    return np.stack(out)
+
+
+def test_the_device_decode_path_cuts_what_the_cpu_path_cuts():
+    """--decode gpu's worker side, run on the CPU device: same crops, flips and damaged-image marks."""
+    from alexnet.augment import gpu_train_batch
+
+    jpegs = _stored(6, seed=12)
+    batch = _gpu_path_batch(jpegs)
+    assert "image" not in batch and batch["flip"].any() and not batch["flip"].all()
+    out = gpu_train_batch(batch, SIZE, CROP, torch.device("cpu"))
+    np.testing.assert_array_equal(out["image"].numpy(), _cpu_crops(jpegs, batch))
+    assert out["valid"].all() and out["light"].shape == (6, 3)
+    damaged = gpu_train_batch(_gpu_path_batch([jpegs[0], b"broken", jpegs[1][:40]]), SIZE, CROP, torch.device("cpu"))
+    assert damaged["valid"].tolist() == [True, False, False] and not damaged["image"][1:].any()
+
+
+@pytest.mark.gpu
+def test_gpu_decoding_gives_the_cpu_pixels_within_one_grey_level():
+    from alexnet.augment import gpu_train_batch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    jpegs = _stored(16, seed=13)
+    batch = _gpu_path_batch(jpegs)
+    out = gpu_train_batch(batch, SIZE, CROP, torch.device("cuda"))
+    diff = np.abs(out["image"].cpu().numpy().astype(int) - _cpu_crops(jpegs, batch).astype(int))
+    assert diff.max() <= 1, diff.max()
+    damaged = gpu_train_batch(_gpu_path_batch([jpegs[0], b"broken"]), SIZE, CROP, torch.device("cuda"))
+    assert damaged["valid"].tolist() == [True, False]
