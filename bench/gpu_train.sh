@@ -19,7 +19,7 @@ work=$(mktemp -d)
 trap 'ray stop --force >/dev/null 2>&1; rm -rf "$work"' EXIT
 log() { echo "== $(date +%T) $*" | tee -a "$out/summary.txt"; }
 
-if [ "$GPUS" -gt 0 ]; then
+if [ "$GPUS" -gt 0 ] && [ -z "${SKIP_CEILING:-}" ]; then
   log "gpu tests"
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_augment.py tests/unit/test_train_step.py \
     tests/unit/test_model.py -k "not True-True-True" 2>&1 | tail -5 | tee -a "$out/summary.txt"
@@ -37,6 +37,10 @@ uri="sqlite:///$work/mlflow.db"
 log "preprocess"
 python3 pipelines/preprocess.py --input "$work/in" --output "$work/prep" --size 256 --address auto \
   --tracking-uri "$uri" 2>&1 | tail -4 | tee -a "$out/summary.txt"
+if [ "$GPUS" -gt 0 ]; then
+  log "decode check"
+  python3 bench/gpu_decode_check.py "$work/prep" 2>&1 | tail -6 | tee -a "$out/summary.txt"
+fi
 
 common=(--data "$work/prep" --address auto --gpus-per-worker "$GPUS" --cpus-per-worker 1 --width "$WIDTH"
         --image-size "$CROP" --batch-size "$BATCH" --init pytorch --eval-10crop-every 0 --lr 0.01
