@@ -28,6 +28,8 @@ if [ "$GPUS" -gt 0 ] && [ -z "${SKIP_CEILING:-}" ]; then
     2>&1 | tee "$out/model_speed.txt" | tail -8 | tee -a "$out/summary.txt"
 fi
 
+python3 -c "import mlflow.pytorch, ray.train.torch, ray.tune; from mlflow import MlflowClient
+MlflowClient('sqlite:///$work/probe.db').search_experiments()" || { log "imports failed"; exit 1; }
 log "sample: $CLASSES classes x $PER_CLASS"
 python3 -m alexnet.sample --output "$work/in" --num-classes "$CLASSES" --train-per-class "$PER_CLASS" \
   --val-per-class 1 --no-quirks --min-side 256 --max-side 320 --workers "$CPUS" 2>&1 | tail -2
@@ -35,8 +37,10 @@ ray start --head --num-cpus "$CPUS" --num-gpus "$GPUS" --disable-usage-stats >"$
   || { log "ray start failed"; tail -20 "$out/ray_start.txt"; exit 1; }
 uri="sqlite:///$work/mlflow.db"
 log "preprocess"
+set -o pipefail
 python3 pipelines/preprocess.py --input "$work/in" --output "$work/prep" --size 256 --address auto \
-  --tracking-uri "$uri" 2>&1 | tail -4 | tee -a "$out/summary.txt"
+  --tracking-uri "$uri" 2>&1 | tail -4 | tee -a "$out/summary.txt" || { log "preprocessing failed"; exit 1; }
+set +o pipefail
 if [ "$GPUS" -gt 0 ]; then
   log "decode check"
   python3 bench/gpu_decode_check.py "$work/prep" 2>&1 | tail -6 | tee -a "$out/summary.txt"
