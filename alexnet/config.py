@@ -196,6 +196,9 @@ class PreprocessConfig(ConfigBase):
     output: Path = field(help="output folder for Parquet shards and statistics")
     size: int = field(256, help="shorter side is rescaled to this, then the central square is kept")
     quality: int = field(95, help="JPEG quality of the stored images")
+    chroma: str = field("420", help="chroma subsampling of the stored JPEGs: 420 (the usual, smaller) or 444 "
+                        "(for train.py --decode gpu: nvJPEG upsamples 4:2:0 chroma unlike the CPU path)",
+                        choices=("420", "444"))
     shard_mb: float = field(256.0, help="target size of one Parquet shard in MiB")
     seed: int = field(0, help="seed of the row order written to the shards")
     limit: int | None = field(None, help="keep the first N files of each split (trial runs)")

@@ -93,7 +93,8 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), RESAMPLE, box=box))
 
 
-def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
+def encode_jpeg(pixels: np.ndarray, quality: int, chroma: str = "420") -> bytes:
+    """`chroma` "444": full-resolution colour, decoded alike by libjpeg-turbo and nvJPEG (4:2:0 is not)."""
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality, subsampling=0 if chroma == "444" else 2)
     return buf.getvalue()

@@ -104,6 +104,11 @@ class Prepared:
         return len(self.wnids)
 
     @property
+    def chroma(self) -> str:
+        """Chroma subsampling of the stored JPEGs ("420" for outputs made before --chroma)."""
+        return str(self.summary["config"].get("chroma", "420"))
+
+    @property
     def val_rows(self) -> int:
         return int(self.summary["rows_written"].get("val", 0))
 

@@ -42,7 +42,8 @@ from alexnet.stats import PixelMoments
 
 def _fingerprint(cfg: PreprocessConfig, files: dict[str, pa.Table]) -> str:
     h = hashlib.sha256()
-    keys = ("size", "quality", "shard_mb", "seed", "limit", "classes", "stats", "draft")
+    keys = ("size", "quality", "shard_mb", "seed", "limit", "classes", "stats", "draft") + (
+        ("chroma",) if cfg.chroma != "420" else ())  # outputs made before --chroma keep their fingerprint
     h.update(json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True).encode())
     h.update(str(Path(cfg.input).resolve()).encode())
     for split in SPLITS:
@@ -58,7 +59,7 @@ def _estimate_bytes_per_image(root: Path, paths: list[str], cfg: PreprocessConfi
     for i in rng.permutation(len(paths))[:16]:
         try:
             pixels = resize_center_crop(decode_rgb(fs_path(root, paths[i]).read_bytes(), cfg.size, cfg.draft), cfg.size)
-            sizes.append(len(encode_jpeg(pixels, cfg.quality)))
+            sizes.append(len(encode_jpeg(pixels, cfg.quality, cfg.chroma)))
         except (BadImage, OSError):
             continue
     return float(np.mean(sizes)) if sizes else 0.4 * cfg.size * cfg.size
@@ -86,7 +87,7 @@ def make_plan(cfg: PreprocessConfig, files: dict[str, pa.Table], cpus: int) -> d
 
 
 def process_shard_per_worker(row: dict, *, root: str, out: str, size: int, quality: int,
-                             draft: bool, stats: bool) -> dict:
+                             draft: bool, stats: bool, chroma: str = "420") -> dict:
     """Ray Data task: one shard's files -> one committed Parquet file + its moments and rejects.
 
     Rows stream into the file in row groups of ~ROW_GROUP_BYTES, so a task's memory does not
@@ -112,7 +113,7 @@ def process_shard_per_worker(row: dict, *, root: str, out: str, size: int, quali
                 except OSError as err:
                     rejects.append([str(path), str(err)])
                     continue
-                jpeg = encode_jpeg(pixels, quality)
+                jpeg = encode_jpeg(pixels, quality, chroma)
                 for name, value in zip(SHARD_SCHEMA.names, (jpeg, int(label), str(wnid), str(path))):
                     buffer[name].append(value)
                 buffered += len(jpeg)
@@ -245,7 +246,7 @@ def _run_shards(items: list[dict], cfg: PreprocessConfig, out: Path, log: Log) -
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
         process_shard_per_worker,
         fn_kwargs={"root": str(Path(cfg.input).resolve()), "out": str(out.resolve()), "size": cfg.size,
-                   "quality": cfg.quality, "draft": cfg.draft, "stats": cfg.stats},
+                   "quality": cfg.quality, "draft": cfg.draft, "stats": cfg.stats, "chroma": cfg.chroma},
         num_cpus=1)
     ds = one_stage(ds)
     start, files_done, shards_done, last_log = time.perf_counter(), 0, 0, 0.0

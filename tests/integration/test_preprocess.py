@@ -114,6 +114,23 @@ def test_folder_val_layout_classes_and_limit(tmp_path, ray_cluster, mlflow_uri):
     assert len(json.loads((out / "classes.json").read_text())["classes"]) == 2
 
 
+def test_chroma_444_stores_full_colour_jpegs_for_gpu_decoding(tmp_path, ray_cluster, mlflow_uri, prepared):
+    import io
+
+    from PIL import Image
+    from PIL.JpegImagePlugin import get_sampling
+
+    from alexnet.prepared import read_prepared
+
+    root = tmp_path / "root"
+    make_sample(SampleConfig(output=root, num_classes=2, train_per_class=3, val_per_class=1, quirks=False))
+    assert cli.main(["--input", str(root), "--output", str(tmp_path / "out"), "--size", "32", "--chroma", "444"]) == 0
+    assert read_prepared(tmp_path / "out").chroma == "444" and read_prepared(prepared[0]).chroma == "420"
+    for out, sampling in ((tmp_path / "out", 0), (prepared[0], 2)):
+        jpegs = _rows(out, "train")["image"]
+        assert {get_sampling(Image.open(io.BytesIO(j))) for j in jpegs} == {sampling}
+
+
 def test_empty_val_folder_gives_an_empty_val_split(tmp_path, ray_cluster, mlflow_uri):
     root = tmp_path / "root"
     make_sample(SampleConfig(output=root, num_classes=2, train_per_class=3, val_per_class=0, quirks=False))
