@@ -288,7 +288,8 @@ class TrainConfig(ConfigBase, ModelConfig):
             raise UsageError(str(err)) from err
         checks = [
             (self.num_workers >= 1, f"--num-workers must be at least 1, got {self.num_workers}"),
-            (self.cpus_per_worker >= 0, "--cpus-per-worker must be >= 0"),
+            (self.cpus_per_worker > 0 or (self.cpus_per_worker == 0 and self.gpus_per_worker > 0),
+             "--cpus-per-worker must be > 0 (0 only with --gpus-per-worker: a worker must hold something)"),
             (self.batch_size >= self.num_workers and self.batch_size % self.num_workers == 0,
              f"--batch-size {self.batch_size} must be a multiple of --num-workers {self.num_workers}"),
             (self.epochs >= 1, "--epochs must be at least 1"),

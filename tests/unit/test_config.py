@@ -57,6 +57,8 @@ def test_invalid_values_are_refused():
     (["--arch", "owt", "--gpus-per-worker", "2"], "single column"),
     (["--batch-size", "100", "--num-workers", "3"], "multiple of --num-workers"),
     (["--dropout", "1.0"], "--dropout"),
+    (["--cpus-per-worker", "0"], "a worker must hold something"),  # Ray refused the empty bundle mid-run
+    (["--decode", "gpu"], "--decode gpu needs --gpus-per-worker"),
 ])
 def test_inconsistent_flags_are_refused(argv, message):
     with pytest.raises(UsageError, match=message):
