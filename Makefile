@@ -35,6 +35,7 @@ test-fast: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/preprocess_speed.py
 	$(PY) bench/train_speed.py --workdir bench/out
+	$(PY) bench/input_speed.py --workdir bench/out
 	$(PY) bench/model_speed.py
 
 clean:
