@@ -20,7 +20,7 @@ from alexnet.config import EvalConfig, Log, UsageError
 def run_evaluation(cfg: EvalConfig, log: Log = print) -> dict:
     """Members -> stored per-member outputs -> ensembles -> MLflow runs; raises UsageError before any inference."""
     from alexnet.cluster import connect_ray
-    from alexnet.ensemble import ensemble_rows, topk_errors
+    from alexnet.ensemble import ensemble_rows, plan_rows, topk_errors
     from alexnet.inference import member_outputs, table_arrays
     from alexnet.members import find_members
     from alexnet.neighbours import figure4
@@ -42,7 +42,8 @@ def run_evaluation(cfg: EvalConfig, log: Log = print) -> dict:
     first = next(iter(outputs.values()))
     _, labels, _ = table_arrays(next(iter(first.values())))
     probs = {run_id: {mode: table_arrays(t)[2] for mode, t in tables.items()} for run_id, tables in outputs.items()}
-    rows = ensemble_rows(probs, labels, cfg.sizes, cfg.modes, cfg.seed)
+    plans = plan_rows([(m.run_id, m.pretrained) for m in members], cfg.sizes, cfg.seed)
+    rows = ensemble_rows(probs, labels, plans, cfg.modes)
     table = markdown_table(rows, members)
 
     exp_id = runs.experiment_id(cfg.ensemble_experiment)
@@ -53,17 +54,14 @@ def run_evaluation(cfg: EvalConfig, log: Log = print) -> dict:
     parent_id = runs.create(exp_id, name, tags=common | {"stage": "evaluate", "members": ",".join(by_id)},
                             params={k: v for k, v in cfg.to_dict().items() if v not in (None, [])})
     try:
-        runs.log_metrics(parent_id, {"members": len(members), "val/images": len(labels)})
+        runs.log_metrics(parent_id, {"members": len(members), "val/images": len(labels)} | headline(rows))
+        runs.set_tags(parent_id, {"mlflow.note.content": f"## Ensembles vs the paper's Table 2\n\n{table}\n"})
         for r in rows:
-            tags = common | {"ensemble_size": str(r["size"]), "crops": r["crops"], "members": ",".join(r["members"]),
-                             "member_names": ",".join(by_id[i].name for i in r["members"]),
-                             "selection": r["selection"]}
-            r["mlflow_run_id"] = runs.create(exp_id, f"{r['size']}cnn-{r['crops']}", tags=tags, parent_id=parent_id)
-            metrics = {"val/top1_err": r["top1"], "val/top5_err": r["top5"]}
-            metrics |= {f"val/{k}_err_{s}": r[f"{k}_{s}"] for k in ("top1", "top5") for s in ("std", "best")
-                        if f"{k}_{s}" in r}
-            runs.log_metrics(r["mlflow_run_id"], metrics)
+            r["mlflow_run_id"] = runs.create(exp_id, f"{r['label']} {r['crops']}", parent_id=parent_id,
+                                             tags=common | row_tags(r, by_id), params=row_params(r, by_id))
+            runs.log_metrics(r["mlflow_run_id"], row_metrics(r))
             runs.finish(r["mlflow_run_id"])
+        log(links(uri, exp_id, parent_id, [r["mlflow_run_id"] for r in rows]))
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             (tmp / "ensembles.md").write_text(table + "\n")
@@ -84,3 +82,44 @@ def run_evaluation(cfg: EvalConfig, log: Log = print) -> dict:
     runs.finish(parent_id)
     return {"mlflow_run_id": parent_id, "rows": rows, "table": table, "members": [m.run_id for m in members],
             "figure4": neighbours}
+
+
+def row_params(r: dict, by_id: dict) -> dict:
+    """What a nested run is (params: the Compare page's axes and group-by keys)."""
+    return {"ensemble_size": r["size"], "crops": r["crops"],
+            "pretrained_members": sum(by_id[i].pretrained for i in r["members"])}
+
+
+def row_tags(r: dict, by_id: dict) -> dict:
+    return {"table2_row": r["label"], "paper_row": r["paper"] or "none", "selection": r["selection"],
+            "members": ",".join(r["members"]), "member_names": ",".join(by_id[i].name for i in r["members"])}
+
+
+def row_metrics(r: dict) -> dict[str, float]:
+    """Errors as fractions (the project's unit), the paper's where it has this row, the gain over the members
+    alone."""
+    from alexnet.table2 import paper_errors
+
+    metrics = {"val/top1_err": r["top1"], "val/top5_err": r["top5"]}
+    metrics |= {f"val/{k}_err_{s}": r[f"{k}_{s}"] for k in ("top1", "top5") for s in ("std", "best") if f"{k}_{s}" in r}
+    metrics |= {f"val/{k}_gain_over_single": r[f"{k}_gain"] for k in ("top1", "top5") if f"{k}_gain" in r}
+    if paper := paper_errors(r):
+        metrics |= {"paper/top1_err": paper[0] / 100, "paper/top5_err": paper[1] / 100}
+    return {k: round(v, 6) for k, v in metrics.items()}
+
+
+def headline(rows: list[dict]) -> dict[str, float]:
+    """The summary run's own metrics: the largest ensemble's errors in each crop mode."""
+    out = {}
+    for r in sorted(rows, key=lambda r: r["size"]):
+        out |= {f"largest/{r['crops']}/top1_err": round(r["top1"], 6), f"largest/{r['crops']}/top5_err": round(r["top5"], 6)}
+    return out
+
+
+def links(uri: str, exp_id: str, parent_id: str, child_ids: list[str]) -> str:
+    """Where to look in the MLflow UI: the summary run and a Compare page of its nested runs."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    how = "" if base == uri.rstrip("/") else f" (after: mlflow ui --backend-store-uri {uri})"
+    ids = ",".join(f'"{i}"' for i in child_ids)
+    return (f"MLflow{how}: summary {base}/#/experiments/{exp_id}/runs/{parent_id}\n"
+            f"  compare the ensembles: {base}/#/compare-runs?runs=[{ids}]&experiments=[\"{exp_id}\"]")

@@ -54,7 +54,7 @@ def _eval_runs(uri: str, parent_id: str) -> dict[tuple[int, str], object]:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("ensembles")
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    return {(int(r.data.tags["ensemble_size"]), r.data.tags["crops"]): r for r in children}
+    return {(int(r.data.params["ensemble_size"]), r.data.params["crops"]): r for r in children}
 
 
 def _folder(uri: str, run_id: str, prepared) -> str:
@@ -94,7 +94,10 @@ def test_ensembles_equal_numpy_averaging_of_the_stored_outputs(members, learnabl
             hits = np.argsort(-mean, 1)[:, :4] == labels[:, None]
             assert run.data.metrics["val/top1_err"] == pytest.approx(1 - hits[:, 0].mean(), abs=1e-12)
             assert run.data.metrics["val/top5_err"] == pytest.approx(1 - hits.any(1).mean(), abs=1e-12)
-            assert run.data.tags["ensemble_size"] == str(size) and run.data.tags["crops"] == mode
+            assert run.data.params == {"ensemble_size": str(size), "crops": mode, "pretrained_members": "0"}
+            assert not {"ensemble_size", "crops"} & set(run.data.tags)  # one name, one place
+            assert run.data.metrics["val/top1_gain_over_single"] == pytest.approx(
+                np.mean([topk_errors(stored[r][2], labels)[0] for r in chosen]) - run.data.metrics["val/top1_err"])
         alone = [topk_errors(stored[r][2], labels)[0] for r in members]
         single = runs[(1, mode)].data.metrics
         assert single["val/top1_err"] == pytest.approx(np.mean(alone))
@@ -110,6 +113,16 @@ def test_ensembles_equal_numpy_averaging_of_the_stored_outputs(members, learnabl
                                      "figure4_neighbours.png", "figure4_neighbours.json")} <= artifacts
     table = (Path(client.download_artifacts(parent.info.run_id, "evaluate/ensembles.md", str(tmp_path)))).read_text()
     assert "| 38.1 | 16.4 |" not in table and "| 40.7 | 18.2 |" in table  # no 5-CNN row; 1-CNN row has the paper's
+    # the paper's numbers sit beside the 10-patch row only, also as metrics of that nested run
+    assert table.count("| 40.7 | 18.2 |") == 1 and "| 1 CNN | center |" in table
+    assert runs[(1, "10crop")].data.metrics["paper/top1_err"] == pytest.approx(0.407)
+    assert "paper/top1_err" not in runs[(1, "center")].data.metrics
+    assert parent.data.tags["mlflow.note.content"].startswith("## Ensembles vs the paper's Table 2")
+    assert "| 3 CNNs | 10crop |" in parent.data.tags["mlflow.note.content"]
+    assert "largest/10crop/top1_err" in parent.data.metrics
+    assert f"/#/compare-runs?runs=[" in out and parent.info.run_id in out
+    page = Path(client.download_artifacts(parent.info.run_id, "evaluate/ensembles.html", str(tmp_path))).read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<meta charset='utf-8'>" in page
     _check_figure4(parent, prepared, client, tmp_path)
 
 
