@@ -15,6 +15,8 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 from alexnet.config import UsageError
@@ -29,7 +31,7 @@ _QUICK_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_B
 
 
 @contextlib.contextmanager
-def _quick_retries():
+def quick_retries():
     added = [k for k in _QUICK_RETRIES if k not in os.environ]
     os.environ.update({k: _QUICK_RETRIES[k] for k in added})
     try:
@@ -59,7 +61,7 @@ def send_command(folder: str) -> str:
     return f"python -m alexnet.outbox {folder}"
 
 
-def _fs(path: str):
+def storage_fs(path: str):
     import pyarrow.fs
 
     return pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
@@ -69,7 +71,7 @@ def read_pending(folder: str) -> dict | None:
     """The kept writes of the run whose storage folder is `folder` ({"run_id", "tracking_uri", "ops"}), or None."""
     import pyarrow.fs
 
-    fs, path = _fs(f"{folder}/{PENDING_FILE}")
+    fs, path = storage_fs(f"{folder}/{PENDING_FILE}")
     if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
         return None
     with fs.open_input_stream(path) as f:
@@ -92,6 +94,13 @@ def apply(runs: Runs, run_id: str, op: dict) -> None:
         runs.set_tags(run_id, {"best_checkpoint": op["checkpoint"], "model_uri": model_uri})
     elif kind == "finish":
         runs.finish(run_id, op["status"])
+    elif kind == "resume":
+        runs.resume(run_id)
+    elif kind == "files":  # small text artifacts, kept whole in the pending file
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, text in op["files"].items():
+                (Path(tmp) / name).write_text(text)
+            runs.log_artifacts(run_id, tmp, artifact_path=op["artifact_path"])
     else:
         raise ValueError(f"unknown kept MLflow write {kind!r}")
 
@@ -99,9 +108,11 @@ def apply(runs: Runs, run_id: str, op: dict) -> None:
 class Outbox:
     """The MLflow writes of one run, in order, kept in `folder` while the tracking store fails."""
 
-    def __init__(self, runs: Runs, run_id: str, folder: str, log: Callable[[str], None] = print):
-        self.runs, self.run_id, self.folder, self.log = runs, run_id, folder, log
+    def __init__(self, runs: Runs, run_id: str | None, folder: str, log: Callable[[str], None] = print):
+        """`run_id` None: the run does not exist yet; the first write is {"op": "create", ...}."""
         kept = read_pending(folder)
+        run_id = run_id or (kept or {}).get("run_id")
+        self.runs, self.run_id, self.folder, self.log = runs, run_id, folder, log
         if kept and (kept["run_id"], kept["tracking_uri"]) != (run_id, runs.uri):
             raise UsageError(f"{folder}/{PENDING_FILE} holds unsent MLflow writes of run {kept['run_id']} in "
                              f"{kept['tracking_uri']}: send them first ({send_command(folder)})")
@@ -123,8 +134,13 @@ class Outbox:
         kept = len(self.ops)
         while self.ops:
             try:
-                with _quick_retries():
-                    apply(self.runs, self.run_id, self.ops[0])
+                with quick_retries():
+                    if self.ops[0]["op"] == "create":
+                        op = self.ops[0]
+                        self.run_id = self.runs.create(op["experiment_id"], op["name"], tags=op["tags"],
+                                                       params=op["params"], parent_id=op["parent_id"])
+                    else:
+                        apply(self.runs, self.run_id, self.ops[0])
             except tracking_errors() as err:
                 self._keep(err)
                 return False
@@ -143,7 +159,7 @@ class Outbox:
                      f"its MLflow writes are kept in {self.folder}/{PENDING_FILE} and sent when the store answers")
 
     def _save(self) -> None:
-        fs, path = _fs(f"{self.folder}/{PENDING_FILE}")
+        fs, path = storage_fs(f"{self.folder}/{PENDING_FILE}")
         if not self.ops:
             if self.on_disk:
                 fs.delete_file(path)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from ray import tune
 
 from alexnet.config import SweepConfig, UsageError
 from alexnet.loop import epoch_metrics
-from alexnet.tracking import Runs
+from alexnet.outbox import Outbox, quick_retries, tracking_errors
+from alexnet.tracking import Runs, param_value
 
 
 def open_parent_run(runs: Runs, cfg: SweepConfig, name: str, storage: str, space: dict) -> tuple[str, str]:
@@ -31,13 +33,18 @@ def open_parent_run(runs: Runs, cfg: SweepConfig, name: str, storage: str, space
 
 
 class MlflowSweepLogger(tune.Callback):
-    """Driver side: one nested MLflow child run per trial under the sweep's parent run."""
+    """Driver side: one nested MLflow child run per trial under the sweep's parent run.
+
+    A trial's writes go through its own outbox (`alexnet.outbox`, kept under STORAGE/SWEEP/mlflow/TRIAL):
+    a tracking store that is away never stops the sweep; a trial whose run could not be created yet keeps
+    its creation first among its writes."""
 
     def __init__(self, runs: Runs, experiment_id: str, parent_id: str, sweep: str, base: dict, space: dict,
-                 epochs: int):
+                 epochs: int, folder: str):
         self.runs, self.experiment_id, self.parent_id, self.sweep = runs, experiment_id, parent_id, sweep
-        self.base, self.space, self.epochs = base, space, epochs
+        self.base, self.space, self.epochs, self.folder = base, space, epochs, folder
         self.run_ids: dict[str, str] = {}
+        self.outboxes: dict[str, Outbox] = {}
 
     def _run_id(self, trial) -> str:
         if trial.trial_id not in self.run_ids:
@@ -45,32 +52,64 @@ class MlflowSweepLogger(tune.Callback):
             if found:
                 self.run_ids[trial.trial_id] = found.info.run_id
             else:
-                sampled = {k: v for k, v in trial.config.items() if k in self.space}
-                name = f"{self.sweep}-{trial.trial_id}"
+                new = self._new_run(trial)
                 self.run_ids[trial.trial_id] = self.runs.create(
-                    self.experiment_id, name, parent_id=self.parent_id,
-                    tags={"sweep": self.sweep, "trial_id": trial.trial_id, "stage": "tune-trial",
-                          "sampled": json.dumps(sampled)},
-                    params={**self.base, **sampled, "run_name": name})
+                    new["experiment_id"], new["name"], tags=new["tags"], params=new["params"],
+                    parent_id=new["parent_id"])
         return self.run_ids[trial.trial_id]
 
+    def _new_run(self, trial) -> dict:
+        sampled = {k: v for k, v in trial.config.items() if k in self.space}
+        name = f"{self.sweep}-{trial.trial_id}"
+        return {"experiment_id": self.experiment_id, "name": name, "parent_id": self.parent_id,
+                "tags": {"sweep": self.sweep, "trial_id": trial.trial_id, "stage": "tune-trial",
+                         "sampled": json.dumps(sampled)},
+                "params": {k: param_value(v) for k, v in {**self.base, **sampled, "run_name": name}.items()}}
+
+    def _write(self, trial, op: dict) -> None:
+        if trial.trial_id not in self.outboxes:
+            folder = f"{self.folder}/{trial.trial_id}"
+            try:
+                with quick_retries():
+                    outbox = Outbox(self.runs, self._run_id(trial), folder)
+            except tracking_errors() as err:  # the run cannot even be looked up: its creation is kept too
+                print(f"WARNING: MLflow tracking store {self.runs.uri} failed ({type(err).__name__}: "
+                      f"{str(err)[:300]}); the sweep goes on, trial {trial.trial_id}'s MLflow writes are kept "
+                      f"in {folder}", flush=True)
+                outbox = Outbox(self.runs, None, folder)
+                if outbox.run_id is None:
+                    outbox.ops.append({"op": "create", **self._new_run(trial)})
+            self.outboxes[trial.trial_id] = outbox
+        self.outboxes[trial.trial_id].write(op)
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.runs.resume(self._run_id(trial))
+        self._write(trial, {"op": "resume"})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        self.runs.log_metrics(self._run_id(trial), epoch_metrics(result), step=step)
+        self._write(trial, {"op": "metrics", "step": step, "metrics": epoch_metrics(result),
+                            "ms": int(time.time() * 1000)})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        run_id = self._run_id(trial)
-        self.runs.set_tags(run_id, {"stopped_early": str(int(last.get("epoch", 0)) < self.epochs)})
-        self.runs.finish(run_id)
+        self._write(trial, {"op": "tags", "tags": {"stopped_early": str(int(last.get("epoch", 0)) < self.epochs)}})
+        self._write(trial, {"op": "finish", "status": "FINISHED"})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_id(trial)
-        self.runs.set_tags(run_id, {"error": trial_error(trial)})
-        self.runs.finish(run_id, "FAILED")
+        self._write(trial, {"op": "tags", "tags": {"error": trial_error(trial)}})
+        self._write(trial, {"op": "finish", "status": "FAILED"})
+
+
+def kept_folders(folder: str) -> list[str]:
+    """The outbox folders under `folder` (a sweep's STORAGE/SWEEP/mlflow) that still keep writes."""
+    import pyarrow.fs
+
+    from alexnet.outbox import read_pending, storage_fs
+
+    fs, path = storage_fs(folder)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    subfolders = sorted(f"{folder}/{i.base_name}" for i in infos if i.type == pyarrow.fs.FileType.Directory)
+    return [f for f in subfolders if read_pending(f)]
 
 
 def trial_error(trial) -> str:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tempfile
 import time
-from pathlib import Path
 
 from alexnet.config import Interrupted, Log, SweepConfig, TrainConfig, UsageError
 from alexnet.model import ModelConfig
@@ -79,7 +77,8 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
     from ray.tune.search import BasicVariantGenerator
 
     from alexnet.tracking import Runs
-    from tuning.logger import MlflowSweepLogger, open_parent_run
+    from alexnet.outbox import Outbox, quick_retries, tracking_errors
+    from tuning.logger import MlflowSweepLogger, kept_folders, open_parent_run
     from tuning.space import check_space, load_space, to_tune
 
     space = load_space(cfg.space, grid=cfg.search == "grid")
@@ -108,7 +107,8 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
     else:
         scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=cfg.grace_period,
                                    reduction_factor=2) if cfg.scheduler == "asha" else None)
-        logger = MlflowSweepLogger(runs, exp_id, parent_id, name, base.to_dict(), space, cfg.epochs)
+        logger = MlflowSweepLogger(runs, exp_id, parent_id, name, base.to_dict(), space, cfg.epochs,
+                                   f"{path}/mlflow")
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler, num_samples=cfg.num_samples,
@@ -118,7 +118,11 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
                                       failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
     # Tune ends on Ctrl-C and returns what it has: trials never started, or one our logger never saw end
-    unended = runs.search(exp_id, f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'")
+    try:
+        with quick_retries():
+            unended = runs.search(exp_id, f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'")
+    except (UsageError, *tracking_errors()):  # the tracking store is away: count the trials only
+        unended = []
     expected = cfg.num_samples * math.prod(len(s["grid"]) for s in space.values() if "grid" in s)
     if unended or len(grid) < expected:
         for child in unended:
@@ -140,18 +144,19 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
     best = ok[0] if ok else None
     best_cfg = base.with_overrides({k: best[k] for k in space} | {"run_name": None}) if best else None
     table = format_table(rows, list(space))
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "sweep_summary.md").write_text(table + "\n")
-        (Path(tmp) / "sweep_summary.json").write_text(json.dumps(rows, indent=1, default=str))
-        runs.log_artifacts(parent_id, tmp, artifact_path="tune")
+    parent = Outbox(runs, parent_id, f"{path}/mlflow/parent", log)  # kept, not lost, if the store is away
+    parent.write({"op": "files", "artifact_path": "tune", "files": {
+        "sweep_summary.md": table + "\n", "sweep_summary.json": json.dumps(rows, indent=1, default=str)}})
     if best:
-        runs.log_metrics(parent_id, {"best/val/top1_err": best["best_val_top1_err"]})
-        runs.set_tags(parent_id, {"best_config": json.dumps({k: best[k] for k in space}),
-                                  "best_command": command_line(best_cfg)})
-    runs.set_tags(parent_id, {"failed_trials": str(failed), "interrupted": "false"})
-    runs.finish(parent_id, "FINISHED" if not failed else "FAILED")
+        parent.write({"op": "metrics", "step": 0, "metrics": {"best/val/top1_err": best["best_val_top1_err"]},
+                      "ms": int(time.time() * 1000)})
+        parent.write({"op": "tags", "tags": {"best_config": json.dumps({k: best[k] for k in space}),
+                                             "best_command": command_line(best_cfg)}})
+    parent.write({"op": "tags", "tags": {"failed_trials": str(failed), "interrupted": "false"}})
+    parent.write({"op": "finish", "status": "FINISHED" if not failed else "FAILED"})
     return {"sweep_name": name, "parent_run_id": parent_id, "rows": rows, "table": table, "failed": failed,
-            "best": best, "best_command": command_line(best_cfg) if best_cfg else None}
+            "best": best, "best_command": command_line(best_cfg) if best_cfg else None,
+            "unsent": kept_folders(f"{path}/mlflow"), "tracking_uri": uri}
 
 
 def format_table(rows: list[dict], keys: list[str]) -> str:

@@ -459,6 +459,59 @@ def test_training_finishes_while_the_tracking_server_is_away_and_the_command_it_
         mlflow.set_tracking_uri(mlflow_uri)
 
 
+def test_a_sweep_finishes_while_the_tracking_server_is_away_and_nothing_is_lost(tmp_path, learnable, small_args,
+                                                                                mlflow_uri, capsys):
+    """Trial 1 loses the server after its first epoch, trial 2 starts without it (its run's creation is kept
+    too); the sweep finishes, exits 3 naming the command, and that command leaves MLflow complete."""
+    from pipelines import tune as tune_cli
+
+    work, storage = tmp_path / "store", tmp_path / "sweeps"
+    work.mkdir()
+    (tmp_path / "space.yaml").write_text("lr: {grid: [0.005, 0.004]}\n")
+    try:
+        with _serve(work) as server:
+            url, port = server["url"], server["port"]
+            argv = ["--data", str(learnable), *small_args, "--epochs", "3", "--num-samples", "1", "--search", "grid",
+                    "--space", str(tmp_path / "space.yaml"), "--scheduler", "none", "--max-concurrent", "1",
+                    "--sweep-name", "away", "--storage-path", str(storage), "--tracking-uri", url,
+                    "--experiment", "sweep-away"]
+            result = {}
+            thread = threading.Thread(target=lambda: result.setdefault("rc", tune_cli.main(argv)))
+            thread.start()
+            client = MlflowClient(url)
+
+            def first_epoch_logged():
+                exp = client.get_experiment_by_name("sweep-away")
+                trials = exp and client.search_runs([exp.experiment_id], "tags.stage = 'tune-trial'")
+                return trials and client.get_metric_history(trials[0].info.run_id, "epoch")
+
+            _wait_for(first_epoch_logged, "a trial's epoch 1 in MLflow", timeout_s=240)
+            _kill_server(server)
+            thread.join(timeout=600)
+        out, err = capsys.readouterr()
+        assert result.get("rc") == 3, err[-3000:]
+        assert out.count("| ok |") == 2 and "| failed |" not in out
+        command = re.search(r"python -m alexnet\.outbox (.+)$", err, re.M)
+        assert command, err[-2000:]
+        folders = command.group(1).split()
+        assert f"{storage}/away/mlflow/parent" in folders and len(folders) == 3  # the parent and both trials
+        with _serve(work, port=port):
+            sent = subprocess.run([sys.executable, "-m", "alexnet.outbox", *folders], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=300)
+            assert sent.returncode == 0, sent.stderr[-3000:]
+            exp = client.get_experiment_by_name("sweep-away").experiment_id
+            (parent,) = client.search_runs([exp], "tags.stage = 'tune'")
+            assert parent.info.status == "FINISHED" and parent.data.tags["failed_trials"] == "0"
+            assert "tune/sweep_summary.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
+            trials = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+            assert sorted(float(t.data.params["lr"]) for t in trials) == [0.004, 0.005]
+            for t in trials:
+                assert t.info.status == "FINISHED"
+                assert [m.step for m in client.get_metric_history(t.info.run_id, "epoch")] == [1, 2, 3]
+    finally:
+        mlflow.set_tracking_uri(mlflow_uri)
+
+
 def test_the_training_rayjob_on_a_cluster_without_gpus_fails_at_once_naming_them(two_node_cluster, prepared,
                                                                                  tmp_path):
     """rayjob-train.yaml's entrypoint (two GPUs per worker) without --no-check-resources, on this GPU-less

@@ -69,3 +69,24 @@ def test_logging_a_model_leaves_mlflows_process_wide_state_as_it_was(runs, monke
         mlflow.set_tracking_uri(None)  # back to following $MLFLOW_TRACKING_URI, which monkeypatch restores
     (logged,) = runs.client.search_logged_models(experiment_ids=[runs.get(run_id).info.experiment_id])
     assert logged.source_run_id == run_id and uri == f"models:/{logged.model_id}"
+
+
+def test_a_kept_run_creation_is_sent_first_and_the_rest_lands_in_that_run(runs, tmp_path):
+    """A sweep trial that started while the store was away keeps its run's creation first among its writes;
+    `python -m alexnet.outbox FOLDER` later creates it and sends the rest there, in order."""
+    from alexnet.outbox import PENDING_FILE, Outbox, main
+
+    exp = runs.experiment_id("kept")
+    folder = str(tmp_path / "trial")
+    outbox = Outbox(runs, None, folder)
+    outbox.ops += [{"op": "create", "experiment_id": exp, "name": "late", "parent_id": None,
+                    "tags": {"trial_id": "t1"}, "params": {"lr": "0.01"}},
+                   {"op": "resume"}, {"op": "metrics", "step": 1, "metrics": {"x": 0.5}, "ms": 5}]
+    outbox._save()  # as a sweep leaves it when the store never answered
+    assert (tmp_path / "trial" / PENDING_FILE).exists()
+    assert main([folder]) == 0
+    run = runs.find(exp, {"trial_id": "t1"})
+    assert run.data.params == {"lr": "0.01"} and run.info.status == "RUNNING"
+    assert runs.metric_history(run.info.run_id, "x") == [(1, 0.5)]
+    assert not (tmp_path / "trial" / PENDING_FILE).exists()
+    assert main([folder]) == 0  # nothing left: says so
