@@ -224,10 +224,10 @@ def test_images_damaged_inside_intact_shards_are_skipped_and_counted_not_a_crash
     shutil.copytree(learnable, data)
     _damage_jpegs_in_place(data / "train" / "part-00000.parquet", [0, 3, 7])
     _damage_jpegs_in_place(sorted((data / "val").glob("*.parquet"))[0], [1])
-    argv = ["--data", str(data), "--epochs", "2", "--run-name", "damaged", "--storage-path", str(tmp_path / "ckpt"),
+    argv = ["--data", str(data), "--epochs", "2", "--run-name", "damaged-jpegs", "--storage-path", str(tmp_path / "ckpt"),
             "--num-workers", "2", *small_args, "--batch-size", "40"]  # 2 x 5 x 20 = 200: no row dropped
     assert cli.main(argv) == 0
-    run_id = _run_id(mlflow_uri, "damaged")
+    run_id = _run_id(mlflow_uri, "damaged-jpegs")
     assert _history(mlflow_uri, run_id, "train/damaged_images") == [(1, 3.0), (2, 3.0)]
     assert _history(mlflow_uri, run_id, "val/damaged_images") == [(1, 1.0), (2, 1.0)]
     assert _history(mlflow_uri, run_id, "val/images") == [(1, 47.0), (2, 47.0)]  # 48 stored, 1 damaged
