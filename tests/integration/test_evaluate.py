@@ -92,18 +92,19 @@ def test_ensembles_equal_numpy_averaging_of_the_stored_outputs(members, learnabl
             assert len(chosen) == size and set(chosen) <= set(members)
             mean = np.mean([stored[r][2] for r in chosen], axis=0)
             hits = np.argsort(-mean, 1)[:, :4] == labels[:, None]
-            assert run.data.metrics["val/top1_err"] == pytest.approx(1 - hits[:, 0].mean(), abs=1e-12)
-            assert run.data.metrics["val/top5_err"] == pytest.approx(1 - hits.any(1).mean(), abs=1e-12)
+            assert run.data.metrics["val/top1_err"] == pytest.approx(1 - hits[:, 0].mean(), abs=1e-6)  # logged rounded to 6 digits
+            assert run.data.metrics["val/top5_err"] == pytest.approx(1 - hits.any(1).mean(), abs=1e-6)
             assert run.data.params == {"ensemble_size": str(size), "crops": mode, "pretrained_members": "0"}
             assert not {"ensemble_size", "crops"} & set(run.data.tags)  # one name, one place
             assert run.data.metrics["val/top1_gain_over_single"] == pytest.approx(
-                np.mean([topk_errors(stored[r][2], labels)[0] for r in chosen]) - run.data.metrics["val/top1_err"])
+                np.mean([topk_errors(stored[r][2], labels)[0] for r in chosen]) - run.data.metrics["val/top1_err"],
+                abs=2e-6)
         alone = [topk_errors(stored[r][2], labels)[0] for r in members]
         single = runs[(1, mode)].data.metrics
-        assert single["val/top1_err"] == pytest.approx(np.mean(alone))
-        assert single["val/top1_err_best"] == pytest.approx(min(alone))
+        assert single["val/top1_err"] == pytest.approx(np.mean(alone), abs=1e-6)
+        assert single["val/top1_err_best"] == pytest.approx(min(alone), abs=1e-6)
         # the ensemble of all three is no worse than its average member
-        assert runs[(3, mode)].data.metrics["val/top1_err"] <= np.mean(alone) + 1e-12
+        assert runs[(3, mode)].data.metrics["val/top1_err"] <= np.mean(alone) + 1e-6
         # the stored softmax is the model's own: recompute one member's centre outputs in-process
         if mode == "center":
             _check_against_the_model(members[0], prepared, stored[members[0]])
