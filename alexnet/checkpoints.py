@@ -67,6 +67,23 @@ def newest_readable(fs, folders: list[str], log: Log = print) -> tuple[dict, str
                      + ". Move the run folder away to start afresh, or restore a checkpoint")
 
 
+def finished_metrics(storage: str, name: str, epochs: int) -> dict | None:
+    """The last epoch's metrics of a run whose newest readable checkpoint holds all `epochs`, else None
+    (a sweep trial resumed after it had finished reports them again instead of training nothing)."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(f"{storage}/{name}") if "://" in storage else (
+        pyarrow.fs.LocalFileSystem(), f"{storage}/{name}")
+    folders = run_checkpoints(fs, root)
+    if not folders:
+        return None
+    state, _ = newest_readable(fs, folders, log=lambda _: None)
+    if int(state["epoch"]) < epochs:
+        return None
+    return state.get("metrics") or {"epoch": int(state["epoch"]), "val/top1_err": float(state["best_top1_err"]),
+                                    "best_val_top1_err": float(state["best_top1_err"])}
+
+
 def check_resumable(storage: str, name: str, log: Log = print) -> None:
     """Before Ray starts: a rerun whose kept checkpoints are all unreadable is a UsageError naming them."""
     import pyarrow.fs

@@ -213,7 +213,8 @@ def train_loop_per_worker(config: dict) -> None:
             scheduler.step(metrics["train/loss"])
         metrics["best_val_top1_err"] = best
         if rank == 0:  # the weights are the same on every worker: one writes the checkpoint
-            report_with_checkpoint(metrics, training_state(model, optimizer, scheduler, epoch + 1, best, cfg))
+            state = training_state(model, optimizer, scheduler, epoch + 1, best, cfg) | {"metrics": metrics}
+            report_with_checkpoint(metrics, state)
         else:
             ray.train.report(metrics)
 

@@ -86,6 +86,8 @@ class MlflowSweepLogger(tune.Callback):
         self._write(trial, {"op": "resume"})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("already_finished"):  # its last epoch, reported again after a resume: logged already
+            return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         self._write(trial, {"op": "metrics", "step": step, "metrics": epoch_metrics(result),
                             "ms": int(time.time() * 1000)})

@@ -25,8 +25,15 @@ def _trial(config: dict, base: TrainConfig, prepared: Prepared, sweep: str, stor
     from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from alexnet.checkpoints import finished_metrics
+
     name = f"{sweep}-{tune.get_context().get_trial_id()}"
     cfg = base.with_overrides({**config, "run_name": name})
+    if (done := finished_metrics(storage, name, cfg.epochs)) is not None:
+        # resumed after its last epoch (Ctrl-C between it and Tune's bookkeeping): Ray Train would report
+        # nothing, and Tune refuses a trial that ends without its metric
+        tune.report(done | {"already_finished": 1})  # the logger does not log these twice
+        return
     trainer = build_trainer(cfg, prepared, run_config(cfg, name, storage, [TuneReportCallback()]))
     try:
         trainer.fit()

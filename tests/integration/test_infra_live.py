@@ -109,12 +109,13 @@ def _ray_start_cluster(nodes: int, cpus: int):
     procs: list[subprocess.Popen] = []
 
     def start(args: list[str]) -> subprocess.Popen:
-        before = len(_alive_nodes(dashboard)) if procs else 0
+        # the new node's id, not a count: a killed node the GCS marks dead meanwhile must not hide it
+        before = set(_alive_nodes(dashboard)) if procs else set()
         proc = subprocess.Popen([str(BIN / "ray"), "start", *args, *common, *_node_ports()], env=env,
                                 start_new_session=True, stdout=open(f"{temp}/node{len(procs)}.log", "w"),
                                 stderr=subprocess.STDOUT)
         procs.append(proc)
-        _wait_for(lambda: len(_alive_nodes(dashboard)) == before + 1, f"node {len(procs)}")
+        _wait_for(lambda: set(_alive_nodes(dashboard)) - before, f"node {len(procs)}")
         return proc
 
     try:

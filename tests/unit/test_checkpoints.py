@@ -86,3 +86,17 @@ def test_a_restart_restores_momentum_and_the_schedule_exactly_as_saved(tmp_path,
     step(net2, opt2, 99)
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
     assert restore_training_state(net2, opt2, sched2, None) == (0, float("inf"))
+
+
+def test_a_finished_runs_last_metrics_come_back_from_its_newest_checkpoint(tmp_path):
+    """What a sweep trial resumed after its last epoch reports (Ray Train itself would report nothing)."""
+    from alexnet.checkpoints import finished_metrics
+
+    run = tmp_path / "sweep-t1"
+    for epoch in (2, 3):
+        (run / f"checkpoint_2026-11-28_0{epoch}").mkdir(parents=True)
+        torch.save({"epoch": epoch, "best_top1_err": 0.5, "metrics": {"epoch": epoch, "val/top1_err": 0.1 * epoch}},
+                   run / f"checkpoint_2026-11-28_0{epoch}" / "state.pt")
+    assert finished_metrics(str(tmp_path), "sweep-t1", 3) == {"epoch": 3, "val/top1_err": pytest.approx(0.3)}
+    assert finished_metrics(str(tmp_path), "sweep-t1", 4) is None  # more epochs to train
+    assert finished_metrics(str(tmp_path), "never-ran", 3) is None
