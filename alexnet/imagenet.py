@@ -1,12 +1,15 @@
-"""The ImageNet tree: class index, the two validation layouts, labels and synset names."""
+"""Where ImageNet comes from: the extracted tree (train/<wnid>/, val/ as folders or flat + a CSV), image-net.org's
+archives (alexnet.archives) or the Hugging Face Parquet release (alexnet.hfparquet); the class index, labels,
+synset names, and reading one image's bytes wherever it lies."""
 
 from __future__ import annotations
 
 import csv
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,23 +27,48 @@ class Layout:
 
     root: Path
     wnids: tuple[str, ...]          # all train classes, sorted: the class index
-    val: str | None                 # "folders", "flat" or None (no val/)
+    val: str | None                 # "folders", "flat", "archive", "parquet" or None (no validation images)
     val_labels: Path | None         # the CSV used for a flat val/
+    kind: str = "tree"              # "tree", "ilsvrc-archives" or "hf-parquet"
+    names: dict[str, str] = field(default_factory=dict)  # wnid -> class name
+    source: Any = None              # alexnet.archives.Archives or alexnet.hfparquet.HfRelease
+
+
+INPUT_KINDS = {"tree": "the extracted tree (train/<wnid>/)", "ilsvrc-archives": "image-net.org's ILSVRC2012 archives, "
+               "read in place", "hf-parquet": "the Hugging Face imagenet-1k Parquet release"}
 
 
 def detect_layout(root: Path, output: Path, val_labels: Path | None = None) -> Layout:
     """Validate ROOT and find its layout; every problem is a one-line UsageError."""
+    from alexnet import archives, hfparquet
+
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"input folder {root} does not exist")
-    train = root / "train"
-    if not train.is_dir():
-        raise UsageError(f"{root} has no train/ folder (expected {train}/<wnid>/*.JPEG)")
     out, inp = Path(output).resolve(), root.resolve()
     if out == inp or inp in out.parents:
         raise UsageError(f"output {output} lies inside the input {root}; choose a folder outside it")
     if out in inp.parents:  # --overwrite would delete the images before reading them
         raise UsageError(f"input {root} lies inside the output {output}; choose an output folder outside it")
+    packed = ("ilsvrc-archives" if archives.is_archives(root) else
+              "hf-parquet" if hfparquet.is_hf_release(root) else None)
+    if packed and val_labels is not None:
+        raise UsageError(f"--val-labels is for an extracted val/ folder; {root} holds {INPUT_KINDS[packed]}, "
+                         "which carries its own validation labels")
+    if packed == "ilsvrc-archives":
+        source = archives.read_archives(root)
+        return Layout(root, tuple(sorted({w for w, _, _ in source.class_tars})), "archive" if source.val else None,
+                      None, packed, source.names, source)
+    if packed == "hf-parquet":
+        source = hfparquet.read_release(root)
+        return Layout(root, tuple(sorted(set(source.label_wnids))),
+                      "parquet" if any(s == "val" for s, _ in source.files) else None, None, packed, source.names,
+                      source)
+    train = root / "train"
+    if not train.is_dir():
+        raise UsageError(f"{root} has no train/ folder (expected {train}/<wnid>/*.JPEG), nor "
+                         f"{archives.TRAIN_TAR}, nor data/train-*.parquet with classes.py")
+    names = read_synset_names(root)
     wnids = tuple(sorted(e.name for e in os.scandir(train) if e.is_dir() and not hidden(e.name)))
     if not wnids:
         raise UsageError(f"{train} holds no class folders")
@@ -53,15 +81,15 @@ def detect_layout(root: Path, output: Path, val_labels: Path | None = None) -> L
     if not val_dir.is_dir():
         if val_labels is not None:
             raise UsageError(f"--val-labels given but {val_dir} does not exist")
-        return Layout(root, wnids, None, None)
+        return Layout(root, wnids, None, None, names=names)
     has_folders = any(e.is_dir() and not hidden(e.name) for e in os.scandir(val_dir))
     if has_folders and val_labels is None:
-        return Layout(root, wnids, "folders", None)
+        return Layout(root, wnids, "folders", None, names=names)
     labels = Path(val_labels) if val_labels is not None else root / VAL_SOLUTION_CSV
     if not labels.is_file():
         raise UsageError(f"{val_dir} is flat but {labels} is missing; pass --val-labels PATH")
     read_val_labels(labels)  # fail now, not after the listing, if it is unreadable
-    return Layout(root, wnids, "flat", labels)
+    return Layout(root, wnids, "flat", labels, names=names)
 
 
 def read_val_labels(path: Path) -> dict[str, str]:
@@ -138,15 +166,21 @@ def list_folder(folder: str) -> list[tuple[str, str]]:
         return sorted((stored_name(e.name), entry_kind(e)) for e in it)
 
 
+LISTING_SCHEMA = pa.schema([("split", pa.string()), ("path", pa.string()), ("wnid", pa.string()),
+                            ("kind", pa.string()), ("source", pa.string()), ("start", pa.int64()),
+                            ("length", pa.int64())])
+# kind: "file", "hidden", or why the entry is no image. source: "" for a file of the tree, else the archive or
+# Parquet file (relative to the input) that holds it; start/length: its byte range in an archive, or its row
+# group and row in a Parquet file.
+
+
 def _list_folders_batch(batch: dict[str, np.ndarray]) -> dict[str, list]:
     """Ray Data task: list a batch of folders; `kind` tells images from everything else."""
-    out: dict[str, list] = {"split": [], "path": [], "wnid": [], "kind": []}
+    out: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names}
     for split, folder, rel, wnid in zip(batch["split"], batch["folder"], batch["rel"], batch["wnid"]):
         for name, kind in list_folder(folder):
-            out["split"].append(split)
-            out["path"].append(f"{rel}/{name}")
-            out["wnid"].append(wnid)
-            out["kind"].append(kind)
+            for key, value in zip(out, (split, f"{rel}/{name}", wnid, ENTRY_REASONS.get(kind, kind), "", 0, 0)):
+                out[key].append(value)
     return out
 
 
@@ -167,16 +201,41 @@ def _loose_entries(layout: Layout) -> tuple[list[tuple[str, str]], int]:
     return rejects, skipped
 
 
-def list_files(layout: Layout, classes: int | None = None, limit: int | None = None,
-               wait_s: float = 600.0) -> tuple[dict[str, pa.Table], list[tuple[str, str]], int]:
-    """{split: table(path, label, wnid)} of the files to process (the first `classes` classes, the first `limit`
-    files of each split), sorted by path; the listing's rejects; how many hidden entries were skipped.
-    The listing tasks may wait `wait_s` for a CPU (`alexnet.cluster.watched`)."""
+def _run_listing(fn, items: list[dict], wait_s: float, **fn_kwargs) -> pa.Table:
+    """`fn` over `items` as Ray Data tasks (a few items per task), the listed rows as one table."""
     import ray
 
     from alexnet.cluster import watched
     from alexnet.datasets import one_stage
 
+    if not items:
+        return LISTING_SCHEMA.empty_table()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * cpus)))
+    listed = one_stage(ds.map_batches(fn, batch_size=8, batch_format="numpy", fn_kwargs=fn_kwargs))
+    tables = [t.cast(LISTING_SCHEMA) for t in watched(listed.iter_batches(batch_size=None, batch_format="pyarrow"),
+                                                      wait_s, {"CPU": 1.0}, "the listing tasks")]
+    return pa.concat_tables([LISTING_SCHEMA.empty_table(), *tables])
+
+
+def _listing(layout: Layout, wait_s: float) -> tuple[pa.Table, list[tuple[str, str]], int]:
+    """Every entry the input holds, as LISTING_SCHEMA rows, plus the rejects and hidden entries found on the way."""
+    from alexnet import archives, hfparquet
+
+    root = str(layout.root)
+    if layout.kind == "ilsvrc-archives":
+        src = layout.source
+        items = [{"wnid": w, "start": o, "length": n} for w, o, n in src.class_tars]
+        table = _run_listing(archives.list_class_tars_batch, items, wait_s, root=root)
+        val = pa.table({"split": ["val"] * len(src.val), "path": [f"val/{name}" for name, *_ in src.val],
+                        "wnid": [v[3] for v in src.val], "kind": ["file"] * len(src.val),
+                        "source": [archives.VAL_TAR] * len(src.val), "start": [v[1] for v in src.val],
+                        "length": [v[2] for v in src.val]}, schema=LISTING_SCHEMA)
+        return pa.concat_tables([table, val]), list(src.rejects), src.hidden
+    if layout.kind == "hf-parquet":
+        items = [{"split": split, "source": rel} for split, rel in layout.source.files]
+        return _run_listing(hfparquet.list_parquet_batch, items, wait_s, root=root,
+                            label_wnids=list(layout.source.label_wnids)), [], 0
     folders = [("train", f"train/{w}", w) for w in layout.wnids]
     if layout.val == "folders":
         folders += [("val", f"val/{e.name}", e.name) for e in os.scandir(layout.root / "val")
@@ -184,64 +243,95 @@ def list_files(layout: Layout, classes: int | None = None, limit: int | None = N
     elif layout.val == "flat":
         folders.append(("val", "val", ""))
     items = [{"split": s, "folder": str(layout.root / rel), "rel": rel, "wnid": w} for s, rel, w in folders]
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * cpus)))
-    listed = one_stage(ds.map_batches(_list_folders_batch, batch_size=8, batch_format="numpy"))
-    table = pa.concat_tables(list(watched(listed.iter_batches(batch_size=None, batch_format="pyarrow"), wait_s,
-                                          {"CPU": 1.0}, "the listing tasks")))
-    table = table.sort_by("path")
-
-    keep_wnids = layout.wnids[:classes] if classes else layout.wnids
-    index = {w: i for i, w in enumerate(layout.wnids)}
-    kept = set(keep_wnids)
-    val_labels = read_val_labels(layout.val_labels) if layout.val == "flat" else {}
-
+    table = _run_listing(_list_folders_batch, items, wait_s)
+    if layout.val == "flat":  # a flat val/ takes its wnids from the CSV; a file it does not name is a reject
+        val_labels = read_val_labels(layout.val_labels)
+        cols = table.to_pydict()
+        for i, (split, path, kind) in enumerate(zip(cols["split"], cols["path"], cols["kind"])):
+            if split == "val" and kind != "hidden":
+                cols["wnid"][i] = val_labels.get(Path(path).stem, "")
+                if not cols["wnid"][i] and kind == "file":
+                    cols["kind"][i] = f"no label for {Path(path).stem} in {layout.val_labels}"
+        table = pa.table(cols, schema=LISTING_SCHEMA)
     rejects, skipped = _loose_entries(layout)
-    files: dict[str, pa.Table] = {}
+    return table, rejects, skipped
+
+
+def list_files(layout: Layout, classes: int | None = None, limit: int | None = None,
+               wait_s: float = 600.0) -> tuple[dict[str, pa.Table], list[tuple[str, str]], int]:
+    """{split: table(path, label, wnid, source, start, length)} of the images to process (the first `classes`
+    classes, the first `limit` images of each split), sorted by path; the listing's rejects; how many hidden
+    entries were skipped. The listing tasks may wait `wait_s` for a CPU (`alexnet.cluster.watched`)."""
+    table, rejects, skipped = _listing(layout, wait_s)
+    is_hidden = pc.equal(table["kind"], "hidden")
+    skipped += pc.sum(is_hidden).as_py() or 0
+    table = table.filter(pc.invert(is_hidden)).sort_by("path")
+    known = pc.is_in(table["wnid"], value_set=pa.array(layout.wnids))
+    is_file = pc.equal(table["kind"], "file")
+    unknown = table.filter(pc.invert(known)).to_pydict()
+    for path, wnid, kind in zip(unknown["path"], unknown["wnid"], unknown["kind"]):
+        rejects.append((path, f"class {wnid} is not among the train classes" if kind == "file" or wnid else kind))
+    kept = pc.is_in(table["wnid"], value_set=pa.array(layout.wnids[:classes] if classes else layout.wnids))
+    bad = table.filter(pc.and_(kept, pc.invert(is_file))).to_pydict()  # --classes drops the other classes' files
+    rejects += list(zip(bad["path"], bad["kind"]))
+    good = table.filter(pc.and_(kept, is_file))
+    good = good.append_column("label", pc.cast(pc.index_in(good["wnid"], value_set=pa.array(layout.wnids)),
+                                               pa.int32()))
+    files = {}
     for split in ("train", "val"):
-        cols = table.filter(pc.equal(table["split"], split)).to_pydict()
-        paths, labels, wnids = [], [], []
-        for path, wnid, kind in zip(cols["path"], cols["wnid"], cols["kind"]):
-            if kind == "hidden":
-                skipped += 1
-                continue
-            if split == "val" and layout.val == "flat":
-                wnid = val_labels.get(Path(path).stem)
-                if wnid is None:
-                    rejects.append((path, f"no label for {Path(path).stem} in {layout.val_labels}")
-                                   if kind == "file" else (path, ENTRY_REASONS[kind]))
-                    continue
-            if wnid not in index:
-                rejects.append((path, f"class {wnid} is not among the train classes"))
-                continue
-            if wnid not in kept:
-                continue  # excluded by --classes
-            if kind != "file":
-                rejects.append((path, ENTRY_REASONS[kind]))
-                continue
-            paths.append(path), labels.append(index[wnid]), wnids.append(wnid)
-        if limit:
-            paths, labels, wnids = paths[:limit], labels[:limit], wnids[:limit]
-        files[split] = pa.table({"path": paths, "label": pa.array(labels, pa.int32()), "wnid": wnids})
+        rows = good.filter(pc.equal(good["split"], split)).select(["path", "label", "wnid", "source", "start",
+                                                                     "length"])
+        files[split] = rows.slice(0, limit) if limit else rows
     return files, rejects, skipped
 
 
 READ_TRIES = 3
 
 
-def read_with_retries(path: Path, tries: int = READ_TRIES, pause_s: float = 0.2) -> bytes:
-    """A file's bytes; an OSError other than a missing file is retried (network file systems fail transiently),
-    the last one re-raised with the number of tries in its message."""
+def read_with_retries(path: Path, tries: int = READ_TRIES, pause_s: float = 0.2, read=None) -> bytes:
+    """A file's bytes (or `read()`'s); an OSError other than a missing file is retried (network file systems fail
+    transiently), the last one re-raised with the number of tries in its message."""
     for attempt in range(1, tries + 1):
         try:
-            return path.read_bytes()
+            return path.read_bytes() if read is None else read()
         except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
             raise OSError(f"unreadable: {err.strerror or err}") from err  # retrying does not help these
         except OSError as err:
+            if getattr(err, "final", False):
+                raise
             if attempt == tries:
                 raise OSError(f"unreadable after {tries} tries: {err.strerror or err}") from err
             time.sleep(pause_s * attempt)
     raise AssertionError("unreachable")
+
+
+class ImageReader:
+    """One listed image's bytes, wherever it lies: a file of the tree, a byte range of an archive, or a row of a
+    Parquet file (row groups read once per run of rows)."""
+
+    def __init__(self, root: str | Path):
+        from alexnet.hfparquet import RowGroups
+
+        self.root, self._groups = Path(root), RowGroups(root)
+
+    @staticmethod
+    def where(source: str, start: int, length: int) -> str:
+        """Where a listed image lies inside its archive or Parquet file, for a reject's reason ('' for a file)."""
+        if not source:
+            return ""
+        if source.endswith(".parquet"):
+            return f" [{source}, row group {start}, row {length}]"
+        return f" [{source}, bytes {start}..{start + length}]"
+
+    def read(self, path: str, source: str = "", start: int = 0, length: int = 0) -> bytes:
+        from alexnet.archives import read_range
+
+        if not source:
+            return read_with_retries(fs_path(self.root, path))
+        where = self.root / source
+        if source.endswith(".parquet"):
+            return read_with_retries(where, read=lambda: self._groups.read(source, start, length))
+        return read_with_retries(where, read=lambda: read_range(self.root, source, start, length))
 
 
 def classes_all_rejected(train: pa.Table, rejects: list[tuple[str, str]], wnids: tuple[str, ...]) -> dict[str, int]:

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -27,6 +28,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import alexnet
 from alexnet.config import UsageError
 
 SPLITS = ("train", "val")
@@ -236,3 +238,34 @@ def read_prepared(path: Path) -> Prepared:
                          if summary["rows_written"].get("val", 0) > 0),
         summary=summary,
     )
+
+
+def check_claimable(out: Path, overwrite: bool) -> None:
+    """Refuse, touching nothing, a non-folder, or a non-empty folder that is not ours. A folder is ours only if
+    it carries MARKER: a stray summary.json proves nothing."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not is_ours(out):
+        raise UsageError(f"output folder {out} is not empty and not a preprocessing output (no {MARKER}; "
+                         "outputs written before the marker existed lack it too: delete such a folder yourself); "
+                         f"{'--overwrite deletes only folders this project wrote; ' if overwrite else ''}"
+                         "choose an empty or new folder")
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Claim `out` (new, empty, or ours), clean stale temporaries; --overwrite empties one of ours. The caller
+    holds the output's lock (`output_lock`), which --overwrite leaves in place."""
+    check_claimable(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for child in out.iterdir():
+            if child.name != LOCK:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    elif (out / SUMMARY).exists():
+        raise UsageError(f"{out} holds a finished preprocessing output; pass --overwrite to redo it")
+    if not is_ours(out):
+        write_marker(out, alexnet.__version__)
+    for sub in ("train", "val", WORK_DIR):
+        (out / sub).mkdir(exist_ok=True)
+        for tmp in (out / sub).glob(".*.tmp"):
+            tmp.unlink()

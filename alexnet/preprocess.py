@@ -1,6 +1,7 @@
-"""ImageNet tree -> Parquet shards + mean image + RGB PCA, on Ray Data, resumable.
+"""ImageNet (a tree, the ILSVRC2012 archives or the HF Parquet) -> Parquet shards + mean image + RGB PCA, on Ray
+Data, resumable.
 
-1. List every class folder in parallel (one Ray Data task per batch of folders).
+1. List every class folder, per-class tar or Parquet file in parallel (one Ray Data task per batch of them).
 2. Plan: a seeded shuffle of each split, cut into shards by a byte budget; the plan is saved,
    so a restarted job rebuilds exactly the same shards.
 3. One Ray Data task per unfinished shard decodes, resizes, re-encodes, accumulates the
@@ -22,18 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import alexnet
 from alexnet.cluster import connect_ray, watched
 from alexnet.config import Log, PreprocessConfig, UsageError
 from alexnet.datasets import one_stage
-from alexnet.imagenet import (Layout, classes_all_rejected, detect_layout, fs_path, list_files,
-                              read_synset_names, read_with_retries)
+from alexnet.imagenet import INPUT_KINDS, ImageReader, Layout, classes_all_rejected, detect_layout, list_files
 from alexnet.imaging import BadImage, decode_rgb, encode_jpeg, resize_center_crop
-from alexnet.prepared import (CLASSES, MARKER, MEAN_IMAGE, MEAN_IMAGE_PNG, PCA, REJECTS, ROW_GROUP_BYTES,
-                              LOCK, SHARD_SCHEMA, SPLITS, SUMMARY, WORK_DIR, atomic_write, classes_text, is_ours,
-                              output_lock, rejects_text, save_npy, shard_manifest, shard_name, write_marker)
+from alexnet.prepared import (CLASSES, MEAN_IMAGE, MEAN_IMAGE_PNG, PCA, REJECTS, ROW_GROUP_BYTES, SHARD_SCHEMA,
+                              SPLITS, SUMMARY, WORK_DIR, atomic_write, check_claimable, classes_text, output_lock,
+                              prepare_output, rejects_text, save_npy, shard_manifest, shard_name)
 from alexnet.stats import PixelMoments
 
 
@@ -47,18 +48,23 @@ def _fingerprint(cfg: PreprocessConfig, files: dict[str, pa.Table]) -> str:
     h.update(json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True).encode())
     h.update(str(Path(cfg.input).resolve()).encode())
     for split in SPLITS:
-        for path, label in zip(files[split]["path"].to_pylist(), files[split]["label"].to_pylist()):
-            h.update(f"{split}\0{path}\0{label}\n".encode())
+        t = files[split]
+        where = ([""] * t.num_rows if not pc.any(pc.not_equal(t["source"], "")).as_py() else
+                 [f"\0{s}\0{a}\0{b}" for s, a, b in zip(*(t[c].to_pylist() for c in ("source", "start", "length")))])
+        for path, label, at in zip(t["path"].to_pylist(), t["label"].to_pylist(), where):
+            h.update(f"{split}\0{path}\0{label}{at}\n".encode())
     return h.hexdigest()
 
 
-def _estimate_bytes_per_image(root: Path, paths: list[str], cfg: PreprocessConfig) -> float:
+def _estimate_bytes_per_image(root: Path, train: pa.Table, cfg: PreprocessConfig) -> float:
     """Mean stored JPEG size over a seeded sample, to turn --shard-mb into rows per shard."""
-    rng = np.random.default_rng(cfg.seed)
+    rng, reader = np.random.default_rng(cfg.seed), ImageReader(root)
     sizes = []
-    for i in rng.permutation(len(paths))[:16]:
+    for i in rng.permutation(train.num_rows)[:16]:
+        row = {k: v[0] for k, v in train.slice(int(i), 1).to_pydict().items()}
         try:
-            pixels = resize_center_crop(decode_rgb(fs_path(root, paths[i]).read_bytes(), cfg.size, cfg.draft), cfg.size)
+            data = reader.read(row["path"], row["source"], row["start"], row["length"])
+            pixels = resize_center_crop(decode_rgb(data, cfg.size, cfg.draft), cfg.size)
             sizes.append(len(encode_jpeg(pixels, cfg.quality, cfg.chroma)))
         except (BadImage, OSError):
             continue
@@ -68,19 +74,33 @@ def _estimate_bytes_per_image(root: Path, paths: list[str], cfg: PreprocessConfi
 def make_plan(cfg: PreprocessConfig, files: dict[str, pa.Table], cpus: int) -> dict:
     """Shards as lists of row indices into `files`, in a seeded shuffled order."""
     total = sum(t.num_rows for t in files.values())
-    est = _estimate_bytes_per_image(Path(cfg.input), files["train"]["path"].to_pylist(), cfg)
+    est = _estimate_bytes_per_image(Path(cfg.input), files["train"], cfg)
     rows_by_budget = max(1, int(cfg.shard_mb * (1 << 20) / est))
     # Enough shards to keep every CPU busy (and balanced) on small inputs; the byte budget rules on large ones.
     rows_per_shard = max(1, min(rows_by_budget, math.ceil(total / (2 * cpus))))
     shards = []
     for k, split in enumerate(SPLITS):
-        order = np.random.default_rng([cfg.seed, k]).permutation(files[split].num_rows)
+        order = shuffled_order(files[split], np.random.default_rng([cfg.seed, k]))
         if len(order) == 0:
             continue
         # Equal shards of at most rows_per_shard rows: no small tail shard.
         for i, rows in enumerate(np.array_split(order, math.ceil(len(order) / rows_per_shard))):
             shards.append({"split": split, "shard": i, "rows": rows.tolist()})
     return {"rows_per_shard": rows_per_shard, "bytes_per_image_estimate": est, "shards": shards}
+
+
+def shuffled_order(files: pa.Table, rng: np.random.Generator) -> np.ndarray:
+    """A random order of the rows in which each Parquet row group's rows stay together (a shard task then reads
+    a row group once, not once per row); every other row is its own unit, and the order a plain permutation."""
+    in_groups = pc.and_(pc.ends_with(files["source"], ".parquet"), pc.not_equal(files["source"], ""))
+    if not pc.any(in_groups).as_py():
+        return rng.permutation(files.num_rows)
+    keys = pc.if_else(in_groups, pc.binary_join_element_wise(files["source"], pc.cast(files["start"], pa.string()),
+                                                             "#"), files["path"])
+    _, unit = np.unique(keys.to_numpy(zero_copy_only=False), return_inverse=True)
+    rank = np.empty(unit.max() + 1, np.int64)
+    rank[rng.permutation(len(rank))] = np.arange(len(rank))
+    return np.lexsort((rng.random(files.num_rows), rank[unit]))
 
 
 # ---------------------------------------------------------------- per-shard work
@@ -95,6 +115,7 @@ def process_shard_per_worker(row: dict, *, root: str, out: str, size: int, quali
     """
     start = time.perf_counter()
     split, shard = str(row["split"]), int(row["shard"])
+    reader = ImageReader(root)
     moments = PixelMoments.zeros(size) if stats and split == "train" else None
     final = Path(out) / shard_name(split, shard)
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
@@ -104,14 +125,13 @@ def process_shard_per_worker(row: dict, *, root: str, out: str, size: int, quali
     try:
         with pq.ParquetWriter(tmp, SHARD_SCHEMA, use_dictionary=["wnid"],
                               compression={"image": "none", "label": "zstd", "wnid": "zstd", "path": "zstd"}) as writer:
-            for path, label, wnid in zip(row["paths"], row["labels"], row["wnids"]):
+            for path, label, wnid, source, start, length in zip(row["paths"], row["labels"], row["wnids"],
+                                                                row["sources"], row["starts"], row["lengths"]):
                 try:
-                    pixels = resize_center_crop(decode_rgb(read_with_retries(fs_path(root, path)), size, draft), size)
-                except BadImage as err:
-                    rejects.append([str(path), str(err)])
-                    continue
-                except OSError as err:
-                    rejects.append([str(path), str(err)])
+                    data = reader.read(str(path), str(source), int(start), int(length))
+                    pixels = resize_center_crop(decode_rgb(data, size, draft), size)
+                except (BadImage, OSError) as err:
+                    rejects.append([str(path), f"{err}{reader.where(str(source), int(start), int(length))}"])
                     continue
                 jpeg = encode_jpeg(pixels, quality, chroma)
                 for name, value in zip(SHARD_SCHEMA.names, (jpeg, int(label), str(wnid), str(path))):
@@ -152,37 +172,6 @@ def _shard_done(out: Path, split: str, shard: int) -> bool:
 # ---------------------------------------------------------------- the job
 
 
-def check_claimable(out: Path, overwrite: bool) -> None:
-    """Refuse, touching nothing, a non-folder, or a non-empty folder that is not ours. A folder is ours only if
-    it carries MARKER: a stray summary.json proves nothing."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not is_ours(out):
-        raise UsageError(f"output folder {out} is not empty and not a preprocessing output (no {MARKER}; "
-                         "outputs written before the marker existed lack it too: delete such a folder yourself); "
-                         f"{'--overwrite deletes only folders this project wrote; ' if overwrite else ''}"
-                         "choose an empty or new folder")
-
-
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Claim `out` (new, empty, or ours), clean stale temporaries; --overwrite empties one of ours. The caller
-    holds the output's lock (`output_lock`), which --overwrite leaves in place."""
-    check_claimable(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for child in out.iterdir():
-            if child.name != LOCK:
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    elif (out / SUMMARY).exists():
-        raise UsageError(f"{out} holds a finished preprocessing output; pass --overwrite to redo it")
-    if not is_ours(out):
-        write_marker(out, alexnet.__version__)
-    for sub in ("train", "val", WORK_DIR):
-        (out / sub).mkdir(exist_ok=True)
-        for tmp in (out / sub).glob(".*.tmp"):
-            tmp.unlink()
-
-
 def run_preprocess(cfg: PreprocessConfig, log: Log = print) -> dict:
     """The whole job; returns the summary also written to OUT/summary.json."""
     from alexnet.tracking import check_tracking_uri, resolve_tracking_uri
@@ -208,8 +197,8 @@ def _run(cfg: PreprocessConfig, layout: Layout, out: Path, tracking_uri: str, st
     phases["listing"] = time.perf_counter() - started - sum(phases.values())
     if files["train"].num_rows == 0:
         raise UsageError("no training files left after --classes/--limit")
-    log(f"listed {sum(t.num_rows for t in files.values()):,} files in {len(layout.wnids)} classes "
-        f"(val layout: {layout.val or 'none'}) in {time.perf_counter() - started:.1f}s")
+    log(f"listed {sum(t.num_rows for t in files.values()):,} images in {len(layout.wnids)} classes from "
+        f"{INPUT_KINDS[layout.kind]} (val: {layout.val or 'none'}) in {time.perf_counter() - started:.1f}s")
 
     fingerprint = _fingerprint(cfg, files)
     plan_path = out / WORK_DIR / "plan.json"
@@ -230,8 +219,10 @@ def _run(cfg: PreprocessConfig, layout: Layout, out: Path, tracking_uri: str, st
     items = []
     for s in todo:
         t = files[s["split"]].take(s["rows"])
-        items.append({"split": s["split"], "shard": s["shard"], "paths": t["path"].to_pylist(),
-                      "labels": t["label"].to_pylist(), "wnids": t["wnid"].to_pylist()})
+        items.append({"split": s["split"], "shard": s["shard"], **{
+            key: t[column].to_pylist() for key, column in (("paths", "path"), ("labels", "label"), ("wnids", "wnid"),
+                                                          ("sources", "source"), ("starts", "start"),
+                                                          ("lengths", "length"))}})
     _run_shards(items, cfg, out, log)
     phases["shards"] = time.perf_counter() - started - sum(phases.values())
     return _finish(cfg, layout, files, (listing_rejects, hidden), plan, out, tracking_uri, started, phases, log)
@@ -298,7 +289,7 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
         log(f"WARNING: class {wnid}: all {n} of its training files were rejected (see {REJECTS}); it has no "
             "training images")
 
-    names = read_synset_names(layout.root)
+    names = layout.names
     keep = layout.wnids[: cfg.classes] if cfg.classes else layout.wnids
     all_rejects = sorted(r for s in SPLITS for r in rejects_by_split[s])
     outputs = {CLASSES: classes_text(list(keep), names), REJECTS: rejects_text(all_rejects)}
@@ -318,7 +309,9 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
     summary = {
         "version": alexnet.__version__,
         "config": cfg.to_dict(),
+        "input_kind": layout.kind,  # tree, ilsvrc-archives or hf-parquet
         "val_layout": layout.val,
+        "not_read": {"test": layout.source.test_rows} if layout.kind == "hf-parquet" else {},
         "files_found": found,
         "rows_written": rows,
         "rejects": {s: len(rejects_by_split[s]) for s in SPLITS},
@@ -333,7 +326,8 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
         "phase_seconds": phases,
     }
     runs = Runs(tracking_uri)
-    run_id = runs.create(runs.experiment_id(cfg.experiment), cfg.run_name, tags={"stage": "preprocess"},
+    run_id = runs.create(runs.experiment_id(cfg.experiment), cfg.run_name,
+                         tags={"stage": "preprocess", "input_kind": layout.kind},
                          params=cfg.to_dict())
     metrics = {f"{k}/{s}": summary[k][s] for k in ("files_found", "rows_written", "rejects") for s in SPLITS}
     runs.log_metrics(run_id, metrics | {"seconds": seconds, "images_per_s": summary["images_per_s"]})
@@ -359,5 +353,7 @@ def format_summary(summary: dict) -> str:
                      f"{summary['rejects'][s]:>8,} {summary['shards'][s]:>7}")
     lines.append(f"{summary['seconds']:.1f}s, {summary['images_per_s']:,.1f} images/s, "
                  f"{summary['num_classes']} classes, {len(summary.get('shards_per_node', {}))} node(s), MLflow run {summary.get('mlflow_run_id')}")
+    lines.append(f"input: {INPUT_KINDS[summary.get('input_kind', 'tree')]}" + "".join(
+        f"; {n:,} {split} rows not read (no labels)" for split, n in summary.get("not_read", {}).items()))
     lines.append("phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["phase_seconds"].items()))
     return "\n".join(lines)

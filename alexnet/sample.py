@@ -6,6 +6,7 @@ carries ImageNet's quirks: CMYK and greyscale JPEGs, a PNG named .JPEG, plus pal
 RGBA and 16-bit files; optionally broken files (truncated, empty, random bytes, text).
 
     python -m alexnet.sample --output demo/imagenet-sample --num-classes 10
+    python -m alexnet.sample --output demo/ilsvrc --download-format ilsvrc-archives  # packed as image-net.org ships it
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class SampleConfig(ConfigBase):
     max_side: int = field(500, help="largest side of a generated image")
     large_fraction: float = field(0.0, help="fraction of images with a side >= 1000 px (ImageNet-like)")
     workers: int = field(1, help="processes used to write the images")
+    download_format: str = field("tree", help="write the extracted tree, or pack it as ImageNet is downloaded: "
+                                 "image-net.org's ILSVRC2012 archives or the Hugging Face Parquet release",
+                                 choices=("tree", "ilsvrc-archives", "hf-parquet"))
 
     def __post_init__(self) -> None:
         if self.num_classes < 1 or self.train_per_class < 1 or self.val_per_class < 0:
@@ -182,12 +186,23 @@ def make_sample(cfg: SampleConfig) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = SampleConfig.parse_args(argv, description=__doc__.splitlines()[0])
-        manifest = make_sample(cfg)
+        if cfg.download_format == "tree":
+            manifest = make_sample(cfg)
+        else:
+            import tempfile
+
+            from alexnet.packing import pack_hf, pack_ilsvrc
+
+            with tempfile.TemporaryDirectory() as tmp:
+                manifest = make_sample(dataclasses.replace(cfg, output=Path(tmp) / "tree"))
+                pack = pack_ilsvrc if cfg.download_format == "ilsvrc-archives" else pack_hf
+                pack(Path(tmp) / "tree", cfg.output, cfg.seed)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {manifest['train']} train and {manifest['val']} val files in "
-          f"{len(manifest['wnids'])} classes to {cfg.output}")
+          f"{len(manifest['wnids'])} classes to {cfg.output}"
+          + ("" if cfg.download_format == "tree" else f", packed as {cfg.download_format}"))
     return 0
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from alexnet.config import UsageError
 from alexnet.imagenet import detect_layout
-from alexnet.preprocess import prepare_output
+from alexnet.prepared import prepare_output
 from alexnet.prepared import MARKER, is_ours
 from alexnet.sample import SampleConfig, make_sample
 
