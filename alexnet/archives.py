@@ -114,6 +114,11 @@ def read_archives(root: Path) -> Archives:
                 rejects.append((f"train/{m.name}", f"not a per-class <wnid>.tar inside {TRAIN_TAR}"))
     if not class_tars:
         raise UsageError(f"{root / TRAIN_TAR} holds no per-class <wnid>.tar archives")
+    with open(root / TRAIN_TAR, "rb") as f:  # a tar without members starts with a zero block
+        empty = [w for w, offset, size in class_tars if not os.pread(f.fileno(), 512, offset).strip(b"\0")]
+    if empty:
+        raise UsageError(f"{len(empty)} empty class archive(s) in {root / TRAIN_TAR}: "
+                         f"{', '.join(f'{w}.tar' for w in empty[:5])}{' ...' if len(empty) > 5 else ''}")
     val: list[tuple[str, int, int, str]] = []
     names: dict[str, str] = {}
     if (root / VAL_TAR).is_file():
@@ -186,7 +191,7 @@ def _read_meta(data: bytes, where: Path) -> tuple[dict[int, str], dict[str, str]
         synsets = loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
         ids, wnids, words, children = (np.atleast_1d(synsets[f]) for f in
                                        ("ILSVRC2012_ID", "WNID", "words", "num_children"))
-    except (KeyError, ValueError, TypeError, NotImplementedError) as err:
+    except Exception as err:  # noqa: BLE001 - scipy raises many types for a file that is not such a table
         raise UsageError(f"{where}: {META} is not the devkit's synsets table ({type(err).__name__}: {err})") from err
     leaves = [(int(i), str(w), str(n)) for i, w, n, c in zip(ids, wnids, words, children) if int(c) == 0]
     return {i: w for i, w, _ in leaves}, {w: n for _, w, n in leaves}

@@ -288,6 +288,10 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
     for wnid, n in lost.items():
         log(f"WARNING: class {wnid}: all {n} of its training files were rejected (see {REJECTS}); it has no "
             "training images")
+    listed = set(files["train"]["wnid"].to_pylist())
+    for wnid in (w for w in (layout.wnids[: cfg.classes] if cfg.classes else layout.wnids) if w not in listed):
+        if not cfg.limit:  # --limit cuts classes off on purpose
+            log(f"WARNING: class {wnid} has no training images in {cfg.input}; it stays in the class index")
 
     names = layout.names
     keep = layout.wnids[: cfg.classes] if cfg.classes else layout.wnids

@@ -81,6 +81,9 @@ CASES = {
     "no_devkit": "needs the devkit for its labels",
     "meta_not_synsets": "is not the devkit's synsets table",
     "train_tar_compressed": "is not an uncompressed tar archive",
+    "class_tar_empty": "1 empty class archive(s) in",
+    "meta_not_a_mat_file": "is not the devkit's synsets table",
+    "ground_truth_not_numbers": "must hold one integer ILSVRC2012_ID per line",
     "val_labels_given": "--val-labels is for an extracted val/ folder",
     "classes_py_without_dict": "defines no IMAGENET2012_CLASSES",
     "classes_py_missing": "classes.py is missing",
@@ -121,6 +124,22 @@ def test_a_wrong_download_folder_exits_2_with_one_line_before_any_ray_work(case,
             buf = io.BytesIO()
             savemat(buf, {"classes": [1, 2]})
             _repack_devkit(root, replace=(META, buf.getvalue()))
+        elif case == "meta_not_a_mat_file":
+            _repack_devkit(root, replace=(META, b"MATLAB 5.0 MAT-file, but not really" * 10))
+        elif case == "ground_truth_not_numbers":
+            _repack_devkit(root, replace=(GROUND_TRUTH, b"n01440764\n" * 8))
+        elif case == "class_tar_empty":
+            with tarfile.open(root / TRAIN_TAR) as tar:
+                members = {m.name: tar.extractfile(m).read() for m in tar}
+            with tarfile.open(root / TRAIN_TAR, "w") as tar:
+                for name, data in members.items():
+                    if name == sorted(members)[1]:
+                        data = io.BytesIO()
+                        tarfile.open(fileobj=data, mode="w").close()
+                        data = data.getvalue()
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
         elif case == "no_devkit":
             (root / f"{DEVKIT}.tar.gz").unlink()
         elif case == "train_tar_compressed":
