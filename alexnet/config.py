@@ -22,12 +22,10 @@ C = TypeVar("C", bound="ConfigBase")
 Log = Callable[[str], None]  # where a job's console lines go (print, or a test's collector)
 
 
-
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
+        return next(a for a in args if a is not type(None)), True
     return tp, False
 
 
@@ -361,6 +359,8 @@ class EvalConfig(ConfigBase):
     figure4: int = field(4, help="validation images of the Figure 4 grid (six nearest training images in fc7); 0: none")
     tracking_uri: str | None = tracking_uri_field()
     ensemble_experiment: str = field("ensembles", help="MLflow experiment of the evaluation runs")
+    register_model: str | None = field(None, help="log the largest evaluated ensemble as one pyfunc model (image "
+                                       "bytes in, top-5 out) and register it under this name in the Model Registry")
     run_name: str | None = run_name_field("name of the summary run (default: ensembles-TIMESTAMP)")
     address: str | None = address_field()
     resource_wait_s: float = resource_wait_field()

@@ -76,12 +76,33 @@ def run_evaluation(cfg: EvalConfig, log: Log = print) -> dict:
                 (tmp / "figure4_neighbours.json").write_text(json.dumps(neighbours, indent=1))
                 runs.set_tags(parent_id, {"figure4_member": best.run_id})
             runs.log_artifacts(parent_id, tmp, artifact_path="evaluate")
+            model = register_ensemble(cfg, rows, by_id, prepared, runs, parent_id, tmp / "model", log)
     except BaseException:
         runs.finish(parent_id, "FAILED")
         raise
     runs.finish(parent_id)
     return {"mlflow_run_id": parent_id, "rows": rows, "table": table, "members": [m.run_id for m in members],
-            "figure4": neighbours}
+            "figure4": neighbours, "model": model}
+
+
+def register_ensemble(cfg: EvalConfig, rows: list[dict], by_id: dict, prepared, runs, parent_id: str, folder: Path,
+                      log: Log) -> dict | None:
+    """--register-model: the largest evaluated ensemble (its crops: 10crop where both were evaluated) as one pyfunc
+    model on the summary run, registered under the name given."""
+    from alexnet.served import EnsembleModel, ensemble_artifacts
+
+    if not cfg.register_model:
+        return None
+    crops = cfg.modes[-1]
+    row = max((r for r in rows if r["crops"] == crops), key=lambda r: r["size"])
+    members = [by_id[i] for i in row["members"]]
+    uri, version = runs.log_pyfunc(parent_id, "ensemble", EnsembleModel(),
+                                   ensemble_artifacts(members, prepared, crops, folder), cfg.register_model)
+    runs.set_tags(parent_id, {"registered_model": f"{cfg.register_model}/{version}"})
+    log(f"registered the {row['label']} ensemble ({len(members)} members, {crops}) as models:/{cfg.register_model}/"
+        f"{version} (logged model {uri}); serve it: mlflow models serve -m models:/{cfg.register_model}/{version} "
+        "--env-manager local")
+    return {"name": cfg.register_model, "version": version, "logged_model": uri, "row": row["label"], "crops": crops}
 
 
 def row_params(r: dict, by_id: dict) -> dict:

@@ -209,3 +209,29 @@ class Runs:
         finally:
             mlflow.set_tracking_uri(before)
         return info.model_uri
+
+    def log_pyfunc(self, run_id: str, name: str, python_model, artifacts: dict[str, str], register_as: str | None,
+                   example=None) -> tuple[str, str | None]:
+        """A pyfunc model taking a column `image` of image bytes as the run's LoggedModel, registered as
+        `register_as` when given: (models:/ URI of the logged model, registered version or None)."""
+        import mlflow
+        import mlflow.pyfunc
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, Schema
+
+        import alexnet
+
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.uri)  # as in log_model; the registry follows the tracking URI
+        try:
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name=name, python_model=python_model, artifacts=artifacts,
+                    signature=ModelSignature(inputs=Schema([ColSpec("binary", "image")])),
+                    code_paths=[str(Path(alexnet.__file__).parent)],  # the model loads without this checkout
+                    pip_requirements=["torch", "torchvision", "pillow", "numpy", "pandas", "pyarrow", "pyyaml",
+                                      "mlflow"],
+                    registered_model_name=register_as)
+        finally:
+            mlflow.set_tracking_uri(before)
+        return info.model_uri, (str(info.registered_model_version) if register_as else None)

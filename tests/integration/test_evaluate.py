@@ -310,3 +310,74 @@ def test_a_damaged_validation_image_is_left_out_of_the_evaluation_and_named(memb
     (parent,) = client.search_runs([client.get_experiment_by_name("ensembles").experiment_id],
                                    filter_string="tags.mlflow.runName = 'damaged-val'")
     assert parent.data.metrics["val/images"] == 47  # 48 stored
+
+
+def test_the_registered_ensemble_predicts_and_is_served_over_http(members, learnable, mlflow_uri, tmp_path, capsys):
+    """--register-model: the largest ensemble as one pyfunc model in the Model Registry; loaded in-process it
+    gives the evaluation's own averaged softmax on the stored JPEG bytes, and `mlflow models serve` answers a real
+    HTTP call on 127.0.0.1 with the top-5 class names."""
+    import base64
+    import contextlib
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    name = f"alexnet-ensemble-{os.getpid()}"
+    argv = ["--data", str(learnable), "--runs", *members, "--sizes", "1", "3", "--crops", "center", "--figure4", "0",
+            "--run-name", "eval-registered", "--register-model", name]
+    assert eval_cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"as models:/{name}/1" in out
+    client = MlflowClient(mlflow_uri)
+    assert client.get_model_version(name, "1").status == "READY"
+
+    prepared = read_prepared(learnable)
+    val = pq.read_table(prepared.val_files).sort_by("path").slice(0, 6).to_pydict()
+    images = pd.DataFrame({"image": [*val["image"], b"not an image"]})
+    mlflow.set_tracking_uri(mlflow_uri)
+    predicted = mlflow.pyfunc.load_model(f"models:/{name}/1").predict(images)
+    assert len(predicted) == 7 and predicted["error"].tolist()[:6] == [""] * 6 and predicted["error"][6]
+    stored = [_stored(mlflow_uri, r, _folder(mlflow_uri, r, prepared), "center", tmp_path / r) for r in members]
+    index = {p: i for i, p in enumerate(stored[0][0])}
+    expected = np.mean([s[2][[index[p] for p in val["path"]]] for s in stored], axis=0)
+    np.testing.assert_allclose(np.stack(predicted["probabilities"][:6]), expected, atol=2e-3)
+    names = {c["wnid"]: c["name"] for c in json.loads((learnable / "classes.json").read_text())["classes"]}
+    top = predicted["top5"][0]
+    assert len(top) == 4 and top[0]["wnid"] == prepared.wnids[int(np.argmax(expected[0]))]  # 4 classes only
+    assert all(t["name"] == names[t["wnid"]] for t in top)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # the venv's bin/ first, as in an activated venv: the server runs `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}/1",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "wb"),
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
+            [base64.b64encode(val["image"][0]).decode()]]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(answer) == 1 and [t["name"] for t in answer[0]["top5"]] == [t["name"] for t in top]
+    np.testing.assert_allclose(answer[0]["probabilities"], expected[0], atol=2e-3)
