@@ -81,7 +81,7 @@ def finished_metrics(storage: str, name: str, epochs: int) -> dict | None:
     if int(state["epoch"]) < epochs:
         return None
     return state.get("metrics") or {"epoch": int(state["epoch"]), "val/top1_err": float(state["best_top1_err"]),
-                                    "best_val_top1_err": float(state["best_top1_err"])}
+                                    "val/top1_err_best": float(state["best_top1_err"])}
 
 
 def check_resumable(storage: str, name: str, log: Log = print) -> None:

@@ -127,17 +127,20 @@ def connect_ray(address: str | None, min_cpus: float = 0, log: Log = print) -> N
     """
     import ray
 
+    from alexnet.console import keep_quiet, quiet
+
     if not ray.is_initialized():
         target = resolve_address(address, log)
         if target is None:
-            start_local_ray(max(os.cpu_count() or 1, int(-(-min_cpus // 1))), log_to_driver=True)
+            start_local_ray(max(os.cpu_count() or 1, int(-(-min_cpus // 1))), log_to_driver=not quiet())
         else:
             try:
-                ray.init(address=target, log_to_driver=True, runtime_env=job_runtime_env(target))
+                ray.init(address=target, log_to_driver=not quiet(), runtime_env=job_runtime_env(target))
             except ConnectionError as exc:
                 if _refused_token(exc):
                     raise UsageError(_token_hint(target)) from exc
                 raise
+        keep_quiet()
         total = ray.cluster_resources()
         where = f"joined the cluster at {target}" if target else "started a local instance"
         log(f"Ray: {where}: {len(_alive_nodes())} node(s), {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from alexnet.configbase import (ConfigBase, address_field, experiment_field, field, load_yaml_mapping,  # noqa: F401
-                                resource_wait_field, run_name_field, tracking_uri_field)
+                                resource_wait_field, run_name_field, tracking_uri_field, verbose_field)
 from alexnet.exits import INTERRUPTED_EXIT, Interrupted, UsageError  # noqa: F401 - the jobs import them from here
 from alexnet.model import ModelConfig
 
@@ -43,6 +43,7 @@ class PreprocessConfig(ConfigBase):
     tracking_uri: str | None = tracking_uri_field()
     experiment: str = experiment_field()
     run_name: str | None = run_name_field()
+    verbose: bool = verbose_field()
 
     def __post_init__(self) -> None:
         if not 16 <= self.size <= 4096:
@@ -110,6 +111,7 @@ class TrainConfig(ConfigBase, ModelConfig):
                                   "it does not grant them within --resource-wait-s (--no-check-resources on "
                                   "autoscaling clusters: wait for new nodes without a limit)")
     resource_wait_s: float = resource_wait_field()
+    verbose: bool = verbose_field()
 
     def __post_init__(self) -> None:
         try:
@@ -196,6 +198,7 @@ class EvalConfig(ConfigBase):
     run_name: str | None = run_name_field("name of the summary run (default: ensembles-TIMESTAMP)")
     address: str | None = address_field()
     resource_wait_s: float = resource_wait_field()
+    verbose: bool = verbose_field()
 
     def __post_init__(self) -> None:
         if bool(self.runs) == bool(self.experiment):

@@ -179,3 +179,7 @@ def experiment_field() -> Any:
 
 def run_name_field(help: str = "MLflow run name") -> Any:
     return field(None, help=help)
+
+
+def verbose_field() -> Any:
+    return field(False, help="show Ray's and MLflow's own output on the console (default: in a log file, named once)")

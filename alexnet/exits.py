@@ -17,12 +17,14 @@ class Interrupted(Exception):
     """Ctrl-C (SIGINT) ended the job: its MLflow runs are KILLED, its state resumable; exit code 130."""
 
 
+def run_job(job: Callable[..., Any], cfg: Any) -> tuple[Any, int | None]:
+    """(what `job(cfg)` returned, None), or (None, exit code) once the reason is printed: a UsageError is exit 2,
+    Ctrl-C (Interrupted) 130. The console is quiet unless `cfg.verbose` (`alexnet.console`)."""
+    from alexnet.console import job_console
 
-def run_job(job: Callable[..., Any], *args: Any) -> tuple[Any, int | None]:
-    """(what `job` returned, None), or (None, exit code) once the reason is printed: a UsageError is exit 2,
-    Ctrl-C (Interrupted) 130."""
     try:
-        return job(*args), None
+        with job_console(job.__name__.removeprefix("run_"), getattr(cfg, "verbose", False)):
+            return job(cfg), None
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return None, USAGE_EXIT

@@ -22,8 +22,11 @@ from alexnet.optim import build_optimizer
 
 # Per-epoch metrics, as reported by the workers and logged to MLflow (with "epoch" as the step).
 METRICS = ("train/loss", "train/top1_err", "val/loss", "val/top1_err", "val/top5_err", "val/top1_err_10crop",
-           "val/top5_err_10crop", "val/images", "best_val_top1_err", "lr", "images_per_s", "data_wait_frac",
+           "val/top5_err_10crop", "val/images", "val/top1_err_best", "lr", "images_per_s", "data_wait_frac",
            "epoch_seconds", "epoch", "train/damaged_images", "val/damaged_images", "first_batch_s", "train/images")
+
+
+FIRST = ("epoch", "val/top1_err", "val/top5_err", "train/loss")
 
 
 def epoch_metrics(report: dict) -> dict[str, float]:
@@ -211,7 +214,8 @@ def train_loop_per_worker(config: dict) -> None:
             best = min(best, metrics["val/top1_err"])
         else:
             scheduler.step(metrics["train/loss"])
-        metrics["best_val_top1_err"] = best
+        metrics["val/top1_err_best"] = best
+        metrics = {k: metrics[k] for k in FIRST if k in metrics} | metrics  # the columns of Tune's status table
         if rank == 0:  # the weights are the same on every worker: one writes the checkpoint
             state = training_state(model, optimizer, scheduler, epoch + 1, best, cfg) | {"metrics": metrics}
             report_with_checkpoint(metrics, state)

@@ -3,6 +3,7 @@ batch per epoch (from Ray Train's controller), and the final model, kernel pictu
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import tempfile
@@ -81,14 +82,15 @@ class TrainingReporter(UserCallback):
     """Runs in the Ray Train controller (on the driver's node): per-epoch metrics to MLflow (through the run's
     outbox: a tracking store that is away never stops training) and the console."""
 
-    def __init__(self, outbox: Outbox, num_classes: int, epochs: int):
+    def __init__(self, outbox: Outbox, num_classes: int, epochs: int, relay=None):
         self.outbox, self.num_classes, self.epochs = outbox, num_classes, epochs
+        self.say = relay.say if relay is not None else functools.partial(print, flush=True)  # to the driver
         self.losses: list[float] = []
         self.warned = False
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0]  # rank 0; the figures are already summed over all workers
-        print(format_epoch(m, self.epochs), flush=True)
+        self.say(format_epoch(m, self.epochs))
         self.outbox.write({"op": "metrics", "step": int(m["epoch"]), "metrics": epoch_metrics(m),
                            "ms": int(time.time() * 1000)})
         damaged = {k: int(m[k]) for k in ("train/damaged_images", "val/damaged_images") if m.get(k)}
@@ -96,7 +98,7 @@ class TrainingReporter(UserCallback):
             warning = (f"epoch {m['epoch']}: stored images that do not decode were skipped ("
                        + ", ".join(f"{k} {v}" for k, v in damaged.items()) + "): the shards are damaged; run "
                        "pipelines/preprocess.py again on the input to rewrite them")
-            print(f"WARNING: {warning}", flush=True)
+            self.say(f"WARNING: {warning}")
             self.outbox.write({"op": "tags", "tags": {"warning_damaged_images": warning}})
         if "train/loss" not in m:  # --input-only
             return
@@ -104,7 +106,7 @@ class TrainingReporter(UserCallback):
         message = stall_message(self.losses, self.num_classes)
         if message and not self.warned:
             self.warned = True
-            print(message, flush=True)
+            self.say(message)
             self.outbox.write({"op": "tags", "tags": {"warning": message}})
 
 

@@ -161,7 +161,7 @@ def finished_member(cfg: TrainConfig) -> dict | None:
     errors = runs.metric_history(run.info.run_id, "val/top1_err")
     return {"mlflow_run_id": run.info.run_id, "run_name": cfg.run_name, "resumed": False, "left_as_it_is": True,
             "model_uri": run.data.tags.get("model_uri", "(see the run's logged model)"),
-            "best_val_top1_err": run.data.metrics.get("best_val_top1_err", math.nan),
+            "val/top1_err_best": run.data.metrics.get("val/top1_err_best", math.nan),
             "best_epoch": min(errors, key=lambda e: e[1])[0] if errors else max(epochs),
             "final_metrics": {}, "checkpoint": run.data.tags.get("best_checkpoint")}
 
@@ -170,6 +170,7 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
     """The whole run; returns a summary (MLflow run id, best error, model URI). Raises UsageError before any work."""
     from ray.train import TrainingFailedError
 
+    from alexnet.console import Relay
     from alexnet.outbox import Outbox
     from alexnet.reporting import TrainingReporter, open_training_run
     from alexnet.tracking import Runs
@@ -182,10 +183,12 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
     run_id, resumed = open_training_run(runs, cfg, name, storage, prepared, log, tags)
     log(f"MLflow run {run_id} ({uri}); checkpoints under {storage}/{name}")
     folder = f"{storage}/{name}"
-    reporter = TrainingReporter(Outbox(runs, run_id, folder, log), prepared.num_classes, cfg.epochs)
+    relay = Relay()  # the reporter runs in the Ray Train controller: its lines come back through this
+    reporter = TrainingReporter(Outbox(runs, run_id, folder, log), prepared.num_classes, cfg.epochs, relay)
     trainer = build_trainer(cfg, prepared, run_config(cfg, name, storage, [reporter]))
     try:
-        result = trainer.fit()
+        with relay.printing(log):
+            result = trainer.fit()
     except (KeyboardInterrupt, SystemExit) as stop:  # Ray Train's own Ctrl-C handler exits with SystemExit(0)
         Outbox(runs, run_id, folder, log).write({"op": "finish", "status": "KILLED"})
         raise Interrupted(f"interrupted: MLflow run {run_id} is KILLED; checkpoints under {folder}; "
@@ -212,7 +215,7 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
     outbox.write({"op": "finish", "status": "FINISHED"})
     model_uri = runs.get(run_id).data.tags.get("model_uri") if not outbox.ops else "(not logged yet: see below)"
     summary = {"mlflow_run_id": run_id, "run_name": name, "resumed": resumed, "model_uri": model_uri,
-               "best_val_top1_err": state["best_top1_err"], "best_epoch": state["epoch"],
+               "val/top1_err_best": state["best_top1_err"], "best_epoch": state["epoch"],
                "final_metrics": final, "checkpoint": where}
     if unsent := outbox.unsent():
         unsent.summaries = [summary]

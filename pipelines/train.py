@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{summary.get('first_batch_s', math.nan):.2f} s)")
             print(f"MLflow run id: {summary['mlflow_run_id']}")
             continue
-        print(f"{summary['run_name']}: best val/top1_err {summary['best_val_top1_err']:.4f} at epoch "
+        print(f"{summary['run_name']}: best val/top1_err {summary['val/top1_err_best']:.4f} at epoch "
               f"{summary['best_epoch']}; model {summary['model_uri']}")
         print(f"MLflow run id: {summary['mlflow_run_id']}")
     if len(summaries) > 1:

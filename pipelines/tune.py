@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     print(summary["table"])
     if summary["best_command"]:
-        print(f"best: {summary['best']['trial']} (val/top1_err {summary['best']['best_val_top1_err']:.4f}); retrain with:")
+        print(f"best: {summary['best']['trial']} (val/top1_err {summary['best']['val/top1_err_best']:.4f}); retrain with:")
         print(f"  {summary['best_command']}")
     print(f"MLflow parent run id: {summary['parent_run_id']}")
     if summary["unsent"]:  # the tracking store was away at the end: what MLflow still lacks, and how to send it

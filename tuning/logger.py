@@ -40,9 +40,10 @@ class MlflowSweepLogger(tune.Callback):
     its creation first among its writes."""
 
     def __init__(self, runs: Runs, experiment_id: str, parent_id: str, sweep: str, base: dict, space: dict,
-                 epochs: int, folder: str):
+                 epochs: int, folder: str, log=None):
         self.runs, self.experiment_id, self.parent_id, self.sweep = runs, experiment_id, parent_id, sweep
         self.base, self.space, self.epochs, self.folder = base, space, epochs, folder
+        self.log = log or (lambda _: None)  # a console line per trial event
         self.run_ids: dict[str, str] = {}
         self.outboxes: dict[str, Outbox] = {}
 
@@ -83,22 +84,33 @@ class MlflowSweepLogger(tune.Callback):
         self.outboxes[trial.trial_id].write(op)
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        sampled = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in trial.config.items() if k in self.space)
+        self.log(f"trial {trial.trial_id} started: {sampled}")
         self._write(trial, {"op": "resume"})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("already_finished"):  # its last epoch, reported again after a resume: logged already
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if "val/top1_err" in result:
+            self.log(f"trial {trial.trial_id} epoch {step}/{self.epochs}: val err {100 * result['val/top1_err']:.1f}% "
+                     f"(best {100 * result.get('val/top1_err_best', result['val/top1_err']):.1f}%)")
         self._write(trial, {"op": "metrics", "step": step, "metrics": epoch_metrics(result),
                             "ms": int(time.time() * 1000)})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        self._write(trial, {"op": "tags", "tags": {"stopped_early": str(int(last.get("epoch", 0)) < self.epochs)}})
+        early = int(last.get("epoch", 0)) < self.epochs
+        self.log(f"trial {trial.trial_id} ended after {int(last.get('epoch', 0))} epoch(s)"
+                 f"{' (stopped early by the scheduler)' if early else ''}")
+        self._write(trial, {"op": "tags", "tags": {"stopped_early": str(early)}})
         self._write(trial, {"op": "finish", "status": "FINISHED"})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._write(trial, {"op": "tags", "tags": {"error": trial_error(trial)}})
+        error = trial_error(trial)
+        self.log(f"trial {trial.trial_id} FAILED: {error.strip().splitlines()[-1] if error.strip() else 'no reason'}")
+        self._write(trial, {"op": "tags", "tags": {"error": error}})
         self._write(trial, {"op": "finish", "status": "FAILED"})
 
 

@@ -83,6 +83,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
+    from alexnet.console import quiet
     from alexnet.tracking import Runs
     from alexnet.outbox import Outbox, quick_retries, tracking_errors
     from tuning.logger import MlflowSweepLogger, kept_folders, open_parent_run
@@ -115,13 +116,14 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
         scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=cfg.grace_period,
                                    reduction_factor=2) if cfg.scheduler == "asha" else None)
         logger = MlflowSweepLogger(runs, exp_id, parent_id, name, base.to_dict(), space, cfg.epochs,
-                                   f"{path}/mlflow")
+                                   f"{path}/mlflow", log)
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler, num_samples=cfg.num_samples,
                                         max_concurrent_trials=concurrent,
                                         search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent)),
             run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[logger],
+                                      verbose=0 if quiet() else None,  # quiet: our logger's line per trial event
                                       failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
     # Tune ends on Ctrl-C and returns what it has: trials never started, or one our logger never saw end
@@ -143,11 +145,11 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
         m = result.metrics or {}
         sampled = {k: result.config.get(k) for k in space}
         rows.append({"trial": result.path.rstrip("/").split("/")[-1], "status": "failed" if result.error else "ok",
-                     "epochs": int(m.get("epoch", 0)), "best_val_top1_err": m.get("best_val_top1_err", math.inf),
+                     "epochs": int(m.get("epoch", 0)), "val/top1_err_best": m.get("val/top1_err_best", math.inf),
                      "val_top1_err": m.get(METRIC, math.inf), **sampled})
-    rows.sort(key=lambda r: r["best_val_top1_err"])
+    rows.sort(key=lambda r: r["val/top1_err_best"])
     failed = sum(r["status"] == "failed" for r in rows)
-    ok = [r for r in rows if r["status"] == "ok" and math.isfinite(r["best_val_top1_err"])]
+    ok = [r for r in rows if r["status"] == "ok" and math.isfinite(r["val/top1_err_best"])]
     best = ok[0] if ok else None
     best_cfg = base.with_overrides({k: best[k] for k in space} | {"run_name": None}) if best else None
     table = format_table(rows, list(space))
@@ -155,7 +157,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
     parent.write({"op": "files", "artifact_path": "tune", "files": {
         "sweep_summary.md": table + "\n", "sweep_summary.json": json.dumps(rows, indent=1, default=str)}})
     if best:
-        parent.write({"op": "metrics", "step": 0, "metrics": {"best/val/top1_err": best["best_val_top1_err"]},
+        parent.write({"op": "metrics", "step": 0, "metrics": {"val/top1_err_best": best["val/top1_err_best"]},
                       "ms": int(time.time() * 1000)})
         parent.write({"op": "tags", "tags": {"best_config": json.dumps({k: best[k] for k in space}),
                                              "best_command": command_line(best_cfg)}})
@@ -171,7 +173,7 @@ def format_table(rows: list[dict], keys: list[str]) -> str:
     head = ["trial", "status", "epochs", "best val err", *keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        err = f"{100 * r['best_val_top1_err']:.1f}%" if math.isfinite(r["best_val_top1_err"]) else "-"
+        err = f"{100 * r['val/top1_err_best']:.1f}%" if math.isfinite(r["val/top1_err_best"]) else "-"
         vals = [f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
         lines.append("| " + " | ".join([r["trial"], r["status"], str(r["epochs"]), err, *vals]) + " |")
     return "\n".join(lines)

@@ -317,3 +317,28 @@ def test_input_only_measures_the_input_as_the_model_gets_it_and_trains_nothing(l
     assert not list(storage.glob("input/checkpoint_*"))
     assert not client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                            filter_string=f"source_run_id = '{run_id}'")
+
+
+def test_the_console_shows_the_projects_lines_and_verbose_brings_rays_back(learnable, small_args, mlflow_uri,
+                                                                            tmp_path, ray_cluster):
+    """Two members of two epochs each, through the real entry point: measured before, 75 lines of which ~15 were
+    the project's (Ray's INFO lines, deprecation warnings, TrainingReport dumps)."""
+    def run(*extra: str) -> list[str]:
+        argv = ["--data", str(learnable), "--storage-path", str(tmp_path / "ckpt"), "--tracking-uri", mlflow_uri,
+                *small_args, *extra, "--address", ray_cluster]
+        done = subprocess.run([sys.executable, str(REPO / "pipelines" / "train.py"), *argv], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:]
+        return done.stdout.splitlines()
+
+    lines = run("--seeds", "2", "--epochs", "2", "--run-name", "console")
+    assert len(lines) <= 30, "\n".join(lines)
+    epochs = [line for line in lines if line.startswith("epoch ")]  # said in the controller, printed by the driver
+    assert [line.split()[1] for line in epochs] == ["1/2", "2/2", "1/2", "2/2"], "\n".join(lines)
+    assert not [line for line in lines if "pid=" in line or " INFO " in line or "Warning" in line], "\n".join(lines)
+    log_file = lines[0].split("logs of Ray and MLflow: ")[1].split(";")[0]
+    assert Path(log_file).is_file()
+
+    verbose = run("--epochs", "1", "--run-name", "console-verbose", "--verbose")
+    assert any("(TrainController pid=" in line for line in verbose), "\n".join(verbose)  # Ray's output is back
+    assert [line for line in verbose if line.startswith("epoch ") or ") epoch " in line]

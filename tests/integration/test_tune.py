@@ -53,7 +53,7 @@ def test_a_sweep_with_asha_logs_a_parent_and_one_child_per_trial(learnable, smal
     parent = _parent(mlflow_uri, "asha")
     assert parent.info.status == "FINISHED"
     assert json.loads(parent.data.params["space"]) == space
-    assert "best/val/top1_err" in parent.data.metrics
+    assert "val/top1_err_best" in parent.data.metrics
     assert json.loads(parent.data.tags["best_config"])["lr"] == 0.01
     children = _children(mlflow_uri, parent.info.run_id)
     assert len(children) == 2

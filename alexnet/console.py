@@ -1,0 +1,116 @@
+"""A console a person can read: by default only the project's own lines reach the terminal.
+
+Ray's and MLflow's log records and Python warnings go to one file per job (named once, at the start); the
+output of Ray's worker processes stays in Ray's session logs (`log_to_driver` off); the lines the project
+prints from inside Ray (a training run's epoch lines, printed in the Ray Train controller) travel to the
+driver through a `Relay`. `--verbose` leaves everything as Ray and MLflow have it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+from alexnet.config import Log
+
+LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "py.warnings")
+_state: dict = {"quiet": False, "handler": None}
+
+
+def quiet() -> bool:
+    """Whether this job keeps Ray's and MLflow's output off the terminal (`alexnet.cluster` asks)."""
+    return _state["quiet"]
+
+
+def _to_file(handler: logging.Handler) -> list[tuple]:
+    """Point the third-party loggers at `handler` alone (their own file handlers kept); what to put back."""
+    saved = []
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate))
+        kept = [h for h in logger.handlers if isinstance(h, logging.FileHandler)
+                or not isinstance(h, logging.StreamHandler)]  # Ray Data's session file handler is no stream
+        logger.handlers = kept + [handler]
+        logger.propagate = False
+    return saved
+
+
+def keep_quiet() -> None:
+    """Again, after `ray.init`: it configures Ray's loggers anew."""
+    if _state["quiet"]:
+        _to_file(_state["handler"])
+
+
+@contextlib.contextmanager
+def job_console(stage: str, verbose: bool, log: Log = print) -> Iterator[Path | None]:
+    """The job's console: quiet unless `verbose`; yields the log file (None when verbose)."""
+    if verbose or _state["quiet"]:  # verbose, or an enclosing job already made it quiet
+        yield None
+        return
+    import mlflow  # noqa: F401 - both set up their loggers on import: after that, they are ours to redirect
+    import ray  # noqa: F401
+
+    folder = Path(tempfile.gettempdir()) / "alexnet-ray"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    handler = logging.FileHandler(path, delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = _to_file(handler)
+    logging.captureWarnings(True)
+    _state.update(quiet=True, handler=handler)
+    log(f"logs of Ray and MLflow: {path}; of Ray's processes: Ray's session logs (/tmp/ray/session_latest/logs "
+        "on a local instance); --verbose shows them here")
+    try:
+        yield path
+    finally:
+        _state.update(quiet=False, handler=None)
+        logging.captureWarnings(False)
+        for logger, handlers, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+        handler.close()
+
+
+class Relay:
+    """Lines said inside Ray (any node) printed by the driver: a Ray queue, drained by a driver thread."""
+
+    def __init__(self):
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+
+    def say(self, line: str) -> None:
+        self.queue.put(line)
+
+    @contextlib.contextmanager
+    def printing(self, log: Log) -> Iterator[None]:
+        """While the block runs, and once more after it, every line said is passed to `log` in order."""
+        from ray.util.queue import Empty
+
+        stop = threading.Event()
+
+        def drain(wait_s: float) -> None:
+            while True:
+                try:
+                    log(self.queue.get(timeout=wait_s))
+                except Empty:
+                    return
+
+        def run() -> None:
+            while not stop.is_set():
+                drain(0.5)
+
+        thread = threading.Thread(target=run, daemon=True, name="console-relay")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            drain(0.2)
+            self.queue.shutdown()
