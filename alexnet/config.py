@@ -41,8 +41,8 @@ class PreprocessConfig(ConfigBase):
     address: str | None = address_field()
     resource_wait_s: float = resource_wait_field()
     tracking_uri: str | None = tracking_uri_field()
-    experiment: str = experiment_field()
-    run_name: str | None = run_name_field()
+    experiment: str = experiment_field("preprocessing")  # apart from the training runs' columns
+    run_name: str | None = run_name_field("MLflow run name (default: preprocess OUTPUT-FOLDER-NAME)")
     verbose: bool = verbose_field()
 
     def __post_init__(self) -> None:

@@ -173,8 +173,8 @@ def tracking_uri_field() -> Any:
     return field(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
 
 
-def experiment_field() -> Any:
-    return field("alexnet-ray", help="MLflow experiment")
+def experiment_field(default: str = "alexnet-ray") -> Any:
+    return field(default, help="MLflow experiment")
 
 
 def run_name_field(help: str = "MLflow run name") -> Any:

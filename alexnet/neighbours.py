@@ -48,12 +48,15 @@ def figure4(member: Member, prepared: Prepared, cfg: EvalConfig, path: Path, k: 
     from alexnet.datasets import read_shards
     from alexnet.visualize import neighbour_grid_png
 
-    val = pq.read_table(prepared.val_files, columns=["path", "image"]).sort_by("path")
+    val = pq.read_table(prepared.val_files, columns=["path", "image", "label"]).sort_by("path")
     rng = np.random.default_rng(cfg.seed)
     picks = sorted(rng.choice(val.num_rows, min(cfg.figure4, val.num_rows), replace=False))
     chosen = val.take(picks)
-    queries = MemberModel(member, prepared.mean_image, prepared.size).fc7(
-        decode_images(chosen["image"].to_pylist())).numpy()
+    net = MemberModel(member, prepared.mean_image, prepared.size)
+    images = decode_images(chosen["image"].to_pylist())
+    queries = net.fc7(images).numpy()
+    probs = net.probs(images, "center")  # the paper's left panel: the five most likely classes of each query
+    names = prepared.class_names()
     ds = read_shards(prepared.train_files, ["image", "label", "path"])
     ds = ds.map_batches(_decode_keep_jpeg, batch_size=32, num_cpus=1)
     ds = ds.map_batches(NeighbourSearch, batch_size=cfg.batch_size,
@@ -67,9 +70,15 @@ def figure4(member: Member, prepared: Prepared, cfg: EvalConfig, path: Path, k: 
         for q, d, p, jpeg in zip(batch["query"], batch["distance"], batch["path"], batch["jpeg"]):
             best[int(q)].append((float(d), str(p), bytes(jpeg)))
         best = [sorted(b)[:k] for b in best]
+    labels = chosen["label"].to_pylist()
+    top = [np.argsort(-p)[:5] for p in probs]
     rows = [{"query": str(chosen["path"][i]), "query_jpeg": chosen["image"][i].as_py(),
+             "truth": names[labels[i]], "label": prepared.wnids[labels[i]],
+             "top5": [(names[c], float(probs[i][c]), int(c) == labels[i]) for c in top[i]],
+             "top5_wnids": [prepared.wnids[c] for c in top[i]],
              "neighbours": [{"path": p, "distance": d, "jpeg": j} for d, p, j in best[i]]}
             for i in range(len(picks))]
     neighbour_grid_png(rows, member.cfg.image_size, path)
-    return [{"query": r["query"], "neighbours": [(n["path"], round(n["distance"], 4)) for n in r["neighbours"]]}
-            for r in rows]
+    return [{"query": r["query"], "label": r["label"], "truth": r["truth"],
+             "top5": [[w, n, round(p, 4)] for w, (n, p, _) in zip(r["top5_wnids"], r["top5"])],
+             "neighbours": [(n["path"], round(n["distance"], 4)) for n in r["neighbours"]]} for r in rows]

@@ -110,6 +110,11 @@ class Prepared:
         """Chroma subsampling of the stored JPEGs ("420" for outputs made before --chroma)."""
         return str(self.summary["config"].get("chroma", "420"))
 
+    def class_names(self) -> list[str]:
+        """Each class's name (classes.json; the wnid where the input named none), in label order."""
+        classes = json.loads((self.path / CLASSES).read_text())["classes"]
+        return [c.get("name") or c["wnid"] for c in classes]
+
     @property
     def val_rows(self) -> int:
         return int(self.summary["rows_written"].get("val", 0))

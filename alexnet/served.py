@@ -68,9 +68,8 @@ def ensemble_artifacts(members, prepared, crops: str, folder: Path) -> dict[str,
     from alexnet.checkpoints import CHECKPOINT_FILE, read_state
 
     folder.mkdir(parents=True, exist_ok=True)
-    names = {c["wnid"]: c.get("name", "") for c in json.loads((prepared.path / "classes.json").read_text())["classes"]}
     spec = {"size": prepared.size, "crops": crops,
-            "classes": [{"wnid": w, "name": names.get(w, "")} for w in prepared.wnids],
+            "classes": [{"wnid": w, "name": n} for w, n in zip(prepared.wnids, prepared.class_names())],
             "members": [{"run_id": m.run_id, "name": m.name, "pretrained": m.pretrained} for m in members]}
     (folder / "ensemble.json").write_text(json.dumps(spec, indent=1))
     np.save(folder / "mean_image.npy", prepared.mean_image)

@@ -136,14 +136,17 @@ class Runs:
             raise UsageError(f"MLflow run {run_id} not found in {self.uri}") from err
 
     def create(self, experiment_id: str, name: str | None, tags: dict[str, str] | None = None,
-               params: dict[str, Any] | None = None, parent_id: str | None = None) -> str:
-        """A new run (tagged with this checkout's git commit and its parent, if any); returns its id."""
+               params: dict[str, Any] | None = None, parent_id: str | None = None,
+               start_time: float | None = None) -> str:
+        """A new run (tagged with this checkout's git commit and its parent, if any; started at `start_time`, a
+        time.time(), when the job began before its run was made); returns its id."""
         tags = dict(tags or {})
         if commit := git_commit():
             tags.setdefault("git_commit", commit)
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
-        run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        run_id = self.client.create_run(experiment_id, run_name=name, tags=tags,
+                                        start_time=int(start_time * 1000) if start_time else None).info.run_id
         if params:
             self.log_params(run_id, params)
         return run_id

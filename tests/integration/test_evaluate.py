@@ -160,7 +160,14 @@ def _check_figure4(parent, prepared, client, tmp_path) -> None:
     val_paths, val_images = _decoded(prepared.val_files)
     train_fc7, _ = _fc7_and_probs(member, prepared, train_images)
     queries = [list(val_paths).index(r["query"]) for r in rows]
-    val_fc7, _ = _fc7_and_probs(member, prepared, val_images[queries])
+    val_fc7, val_probs = _fc7_and_probs(member, prepared, val_images[queries])
+    names = prepared.class_names()
+    for row, p in zip(rows, val_probs):  # the left panel: the member's own five most likely classes, named
+        top = np.argsort(-p)[:5]
+        assert [w for w, _, _ in row["top5"]] == [prepared.wnids[c] for c in top]
+        assert [n for _, n, _ in row["top5"]] == [names[c] for c in top]
+        np.testing.assert_allclose([q for _, _, q in row["top5"]], p[top], atol=1e-3)
+        assert row["truth"] == names[prepared.wnids.index(row["label"])]
     for row, q in zip(rows, val_fc7):
         dist = np.linalg.norm(train_fc7 - q, axis=1)
         nearest = train_paths[np.argsort(dist)[:6]]

@@ -97,6 +97,10 @@ def test_mlflow_holds_the_run_with_its_artifacts(prepared, mlflow_uri):
     assert run.data.metrics["rows_written/train"] == summary["rows_written"]["train"]
     names = {a.path for a in client.list_artifacts(run.info.run_id, "preprocess")}
     assert {"preprocess/mean_image.png", "preprocess/pca.json", "preprocess/rejects.csv"} <= names
+    out = prepared[0]
+    assert run.data.tags["mlflow.runName"] == f"preprocess {out.name}" and run.data.tags["output"] == str(out.resolve())
+    # the run lasts as long as the job did (it is made at the end, and dated from the start)
+    assert abs((run.info.end_time - run.info.start_time) / 1000 - summary["seconds"]) < 5
 
 
 def test_folder_val_layout_classes_and_limit(tmp_path, ray_cluster, mlflow_uri):
