@@ -19,9 +19,9 @@ demo: $(VENV)/.installed
 	$(PY) pipelines/preprocess.py --input $(DEMO_DIR)/imagenet-sample --output $(DEMO_DIR)/prepared --size 72 --overwrite
 	$(PY) pipelines/train.py --data $(DEMO_DIR)/prepared --num-workers 2 --width 0.25 --image-size 64 \
 		--init pytorch --batch-size 32 --lr 0.005 --epochs 6 --eval-10crop-every 3 --storage-path $(DEMO_DIR)/ray_results \
-		--seeds 3 --run-name $(DEMO_GROUP)
+		--seeds 5 --run-name $(DEMO_GROUP)
 	$(PY) pipelines/evaluate.py --data $(DEMO_DIR)/prepared --experiment alexnet-ray \
-		--filter "tags.ensemble_group = '$(DEMO_GROUP)'" --sizes 1 3 --crops both
+		--filter "tags.ensemble_group = '$(DEMO_GROUP)'" --sizes 1 5 --crops both --register-model alexnet-demo-ensemble
 	$(PY) pipelines/tune.py --data $(DEMO_DIR)/prepared --width 0.25 --image-size 64 --init pytorch \
 		--batch-size 32 --epochs 3 --num-samples 3 --grace-period 1 --eval-10crop-every 0 \
 		--storage-path $(DEMO_DIR)/ray_results

@@ -53,8 +53,9 @@ def job_console(stage: str, verbose: bool, log: Log = print) -> Iterator[Path | 
     if verbose or _state["quiet"]:  # verbose, or an enclosing job already made it quiet
         yield None
         return
-    import mlflow  # noqa: F401 - both set up their loggers on import: after that, they are ours to redirect
+    import mlflow  # noqa: F401 - they set up their loggers on import: after that, they are ours to redirect
     import ray  # noqa: F401
+    import ray.data  # noqa: F401
 
     folder = Path(tempfile.gettempdir()) / "alexnet-ray"
     folder.mkdir(parents=True, exist_ok=True)
