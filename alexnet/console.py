@@ -78,15 +78,22 @@ def job_console(stage: str, verbose: bool, log: Log = print) -> Iterator[Path | 
 
 
 class Relay:
-    """Lines said inside Ray (any node) printed by the driver: a Ray queue, drained by a driver thread."""
+    """Lines said inside Ray (any node) printed by the driver: a Ray queue on the driver's node (a lost node never
+    takes it along), drained by a driver thread. A line that cannot travel is printed where it was said."""
 
     def __init__(self):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
     def say(self, line: str) -> None:
-        self.queue.put(line)
+        try:
+            self.queue.put(line, timeout=10)
+        except Exception:  # noqa: BLE001 - the console must never stop a training run
+            print(line, flush=True)
 
     @contextlib.contextmanager
     def printing(self, log: Log) -> Iterator[None]:
@@ -95,16 +102,19 @@ class Relay:
 
         stop = threading.Event()
 
-        def drain(wait_s: float) -> None:
+        def drain(wait_s: float) -> bool:
+            """False once the queue is gone."""
             while True:
                 try:
                     log(self.queue.get(timeout=wait_s))
                 except Empty:
-                    return
+                    return True
+                except Exception:  # noqa: BLE001 - the queue's actor died with its node: nothing more to print
+                    return False
 
         def run() -> None:
-            while not stop.is_set():
-                drain(0.5)
+            while not stop.is_set() and drain(0.5):
+                pass
 
         thread = threading.Thread(target=run, daemon=True, name="console-relay")
         thread.start()
@@ -113,5 +123,5 @@ class Relay:
         finally:
             stop.set()
             thread.join()
-            drain(0.2)
-            self.queue.shutdown()
+            if drain(0.2):
+                self.queue.shutdown()

@@ -3,7 +3,6 @@ batch per epoch (from Ray Train's controller), and the final model, kernel pictu
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import tempfile
@@ -84,9 +83,15 @@ class TrainingReporter(UserCallback):
 
     def __init__(self, outbox: Outbox, num_classes: int, epochs: int, relay=None):
         self.outbox, self.num_classes, self.epochs = outbox, num_classes, epochs
-        self.say = relay.say if relay is not None else functools.partial(print, flush=True)  # to the driver
+        self.relay = relay  # alexnet.console.Relay: the lines reach the driver
         self.losses: list[float] = []
         self.warned = False
+
+    def say(self, line: str) -> None:
+        if self.relay is not None:
+            self.relay.say(line)
+        else:
+            print(line, flush=True)
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0]  # rank 0; the figures are already summed over all workers

@@ -40,10 +40,10 @@ class MlflowSweepLogger(tune.Callback):
     its creation first among its writes."""
 
     def __init__(self, runs: Runs, experiment_id: str, parent_id: str, sweep: str, base: dict, space: dict,
-                 epochs: int, folder: str, log=None):
+                 epochs: int, folder: str, console: bool = False):
         self.runs, self.experiment_id, self.parent_id, self.sweep = runs, experiment_id, parent_id, sweep
         self.base, self.space, self.epochs, self.folder = base, space, epochs, folder
-        self.log = log or (lambda _: None)  # a console line per trial event
+        self.console = console  # a line per trial event; no callable is kept: Tune pickles its callbacks
         self.run_ids: dict[str, str] = {}
         self.outboxes: dict[str, Outbox] = {}
 
@@ -66,6 +66,10 @@ class MlflowSweepLogger(tune.Callback):
                 "tags": {"sweep": self.sweep, "trial_id": trial.trial_id, "stage": "tune-trial",
                          "sampled": json.dumps(sampled)},
                 "params": {k: param_value(v) for k, v in {**self.base, **sampled, "run_name": name}.items()}}
+
+    def log(self, line: str) -> None:
+        if self.console:
+            print(line, flush=True)
 
     def _write(self, trial, op: dict) -> None:
         if trial.trial_id not in self.outboxes:

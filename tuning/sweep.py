@@ -116,7 +116,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print) -> dict:
         scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=cfg.grace_period,
                                    reduction_factor=2) if cfg.scheduler == "asha" else None)
         logger = MlflowSweepLogger(runs, exp_id, parent_id, name, base.to_dict(), space, cfg.epochs,
-                                   f"{path}/mlflow", log)
+                                   f"{path}/mlflow", console=True)
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler, num_samples=cfg.num_samples,
