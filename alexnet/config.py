@@ -104,6 +104,8 @@ class TrainConfig(ConfigBase, ModelConfig):
     tracking_uri: str | None = tracking_uri_field()
     storage_path: str | None = field(None, help="where Ray Train keeps checkpoints: a shared folder or s3:// on "
                                      "multi-node clusters (default: ./ray_results)")
+    register_model: str | None = field(None, help="register the run's model (its best checkpoint) in the MLflow "
+                                       "Model Registry under this name: a new version per run (per member with --seeds)")
     keep_checkpoints: int = field(3, help="checkpoints kept besides the latest (the best by val/top1_err)")
     max_failures: int = field(3, help="worker-group restarts from the last checkpoint before the run fails")
     address: str | None = address_field()
@@ -137,6 +139,7 @@ class TrainConfig(ConfigBase, ModelConfig):
             (self.resource_wait_s > 0, f"--resource-wait-s must be > 0, got {self.resource_wait_s:g}"),
             (not (self.arch == "owt" and self.gpus_per_worker == 2),
              "--arch owt is a single column: it cannot split over --gpus-per-worker 2 (use --arch paper)"),
+            (not (self.register_model and self.input_only), "--input-only trains no model to --register-model"),
         ]
         for ok, message in checks:
             if not ok:
@@ -147,6 +150,7 @@ class TrainConfig(ConfigBase, ModelConfig):
 class SweepConfig(TrainConfig):
     """`pipelines/tune.py`: every training flag (the base of each trial) plus the sweep's own."""
 
+    experiment: str = experiment_field("sweeps")  # apart from the training runs: trials and parents only
     num_samples: int = field(8, help="trials (with --search grid: repeats of the whole grid)")
     max_concurrent: int | None = field(None, help="trials at once (default: what the cluster can run at once)")
     scheduler: str = field("asha", help="asha: stop weak trials early; none: run every trial to the end",
@@ -164,6 +168,9 @@ class SweepConfig(TrainConfig):
             raise UsageError("--num-samples, --grace-period and --max-concurrent must be at least 1")
         if self.resume and not self.sweep_name:
             raise UsageError("--resume needs the --sweep-name of the sweep to continue")
+        if self.register_model:
+            raise UsageError("a sweep's trials log no models: retrain the best trial with the command the sweep "
+                             "prints, adding --register-model NAME")
         if self.seeds != 1:
             raise UsageError("--seeds trains an ensemble with pipelines/train.py; a sweep samples --seed "
                              "through its space instead")

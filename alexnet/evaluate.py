@@ -52,9 +52,10 @@ def run_evaluation(cfg: EvalConfig, log: Log = print) -> dict:
               "data.classes": classes_digest(prepared.wnids), "seed": str(cfg.seed)}
     by_id = {m.run_id: m for m in members}
     parent_id = runs.create(exp_id, name, tags=common | {"stage": "evaluate", "members": ",".join(by_id)},
-                            params={k: v for k, v in cfg.to_dict().items() if v not in (None, [])})
+                            params={k: v for k, v in cfg.to_dict().items() if v not in (None, [])}
+                            | {"member_count": len(members), "val_images": len(labels)})
     try:
-        runs.log_metrics(parent_id, {"members": len(members), "val/images": len(labels)} | headline(rows))
+        runs.log_metrics(parent_id, headline(rows))
         runs.set_tags(parent_id, {"mlflow.note.content": f"## Ensembles vs the paper's Table 2\n\n{table}\n"})
         for r in rows:
             r["mlflow_run_id"] = runs.create(exp_id, f"{r['label']} {r['crops']}", parent_id=parent_id,

@@ -20,10 +20,14 @@ from alexnet.config import TrainConfig
 from alexnet.model import build_model
 from alexnet.optim import build_optimizer
 
-# Per-epoch metrics, as reported by the workers and logged to MLflow (with "epoch" as the step).
+# Per-epoch metrics, as reported by the workers and logged to MLflow with the epoch as the step (the epoch
+# itself and the validation image count are in every report, not charted: the step is the epoch, and the
+# count is the run's data.val_rows less val/damaged_images).
 METRICS = ("train/loss", "train/top1_err", "val/loss", "val/top1_err", "val/top5_err", "val/top1_err_10crop",
-           "val/top5_err_10crop", "val/images", "val/top1_err_best", "lr", "images_per_s", "data_wait_frac",
-           "epoch_seconds", "epoch", "train/damaged_images", "val/damaged_images", "first_batch_s", "train/images")
+           "val/top5_err_10crop", "val/top1_err_best", "lr", "images_per_s", "data_wait_frac",
+           "epoch_seconds", "train/damaged_images", "val/damaged_images", "first_batch_s", "train/images")
+# Logged once for every epoch done, in every mode (training, --input-only, sweep trials): its steps are the epochs.
+EPOCH_CLOCK = "epoch_seconds"
 
 
 FIRST = ("epoch", "val/top1_err", "val/top5_err", "train/loss")

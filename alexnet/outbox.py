@@ -86,12 +86,13 @@ def apply(runs: Runs, run_id: str, op: dict) -> None:
     elif kind == "tags":
         runs.set_tags(run_id, op["tags"])
     elif kind == "final":  # the model and pictures, made again from the kept best checkpoint
-        from alexnet.checkpoints import model_from_state, read_state
+        from alexnet.checkpoints import read_state
         from alexnet.reporting import log_final_artifacts
 
-        model_uri = log_final_artifacts(runs, run_id, model_from_state(read_state(op["checkpoint"]),
-                                                                       op["num_classes"]))
-        runs.set_tags(run_id, {"best_checkpoint": op["checkpoint"], "model_uri": model_uri})
+        model_uri, version = log_final_artifacts(runs, run_id, read_state(op["checkpoint"]), op["num_classes"],
+                                                 op.get("name", "model"), op.get("register"))
+        runs.set_tags(run_id, {"best_checkpoint": op["checkpoint"], "model_uri": model_uri}
+                      | ({"registered_model": f"{op['register']}/{version}"} if version else {}))
     elif kind == "finish":
         runs.finish(run_id, op["status"])
     elif kind == "resume":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -115,21 +116,34 @@ class TrainingReporter(UserCallback):
             self.outbox.write({"op": "tags", "tags": {"warning": message}})
 
 
-def log_final_artifacts(runs: Runs, run_id: str, model) -> str:
-    """The model (any batch size), the conv1 kernel picture and the learning curves; returns the model URI."""
+def model_name(run_name: str, epoch: int) -> str:
+    """What the logged model is: the run's checkpoint of that epoch (a LoggedModel name allows no . / : % ' ")."""
+    return re.sub(r"[./:%'\"\s]+", "-", f"{run_name}-epoch{epoch}")
+
+
+def log_final_artifacts(runs: Runs, run_id: str, state: dict, num_classes: int, name: str,
+                        register_as: str | None = None) -> tuple[str, str | None]:
+    """The model of the checkpoint `state` (any batch size; with that epoch's metrics; registered as `register_as`
+    when given), the conv1 kernel picture and the learning curves: (model URI, registered version)."""
+    from alexnet.checkpoints import model_from_state
     from alexnet.visualize import save_kernel_png
 
+    model = model_from_state(state, num_classes)
     size = model.cfg.image_size
     # batch 2: a batch of 1 would be exported as a fixed dimension (see mlflow.pytorch.save_model)
     example = np.random.default_rng(0).normal(0.0, 50.0, (2, 3, size, size)).astype(np.float32)
     with torch.no_grad():
         logits = model(torch.from_numpy(example)).numpy()
-    model_uri = runs.log_model(run_id, model, example, logits)
+    epoch = int(state["epoch"])
+    params = {k: state["config"][k] for k in SHAPE_KEYS if k in state["config"]} | {"num_classes": num_classes}
+    model_uri, version = runs.log_model(run_id, model, example, logits, name=model_name(name, epoch), step=epoch,
+                                        params=params, tags={"epoch": str(epoch), "selected_by": "val/top1_err"},
+                                        register_as=register_as)
     with tempfile.TemporaryDirectory() as tmp:
         save_kernel_png(model, Path(tmp) / "conv1_kernels.png")
         learning_curves_png(runs, run_id, Path(tmp) / "learning_curves.png")
         runs.log_artifacts(run_id, tmp, artifact_path="train")
-    return model_uri
+    return model_uri, version
 
 
 def learning_curves_png(runs: Runs, run_id: str, path: Path) -> None:

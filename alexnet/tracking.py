@@ -194,8 +194,11 @@ class Runs:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
-    def log_model(self, run_id: str, model, example, output) -> str:
-        """A PyTorch model (any batch size) as the run's LoggedModel; returns its models:/ URI."""
+    def log_model(self, run_id: str, model, example, output, name: str = "model", step: int = 0,
+                  params: dict | None = None, tags: dict | None = None,
+                  register_as: str | None = None) -> tuple[str, str | None]:
+        """A PyTorch model (any batch size) as the run's LoggedModel `name`, carrying the run's metrics of `step`
+        (the epoch it comes from), registered as `register_as` when given: (models:/ URI, registered version)."""
         import mlflow
         import mlflow.pytorch
         from mlflow.models import infer_signature
@@ -206,12 +209,25 @@ class Runs:
             with mlflow.start_run(run_id=run_id):
                 # stated requirements: MLflow's inference of them imports the model in a subprocess
                 # (~10 s a run); the pt2 export needs torch only, not this package
-                info = mlflow.pytorch.log_model(model, name="model", input_example=example,
-                                                signature=infer_signature(example, output),
-                                                pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+                info = mlflow.pytorch.log_model(model, name=name, input_example=example, step=step,
+                                                signature=infer_signature(example, output), params=params, tags=tags,
+                                                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                                                registered_model_name=register_as)
         finally:
             mlflow.set_tracking_uri(before)
-        return info.model_uri
+        self.link_metrics(run_id, info.model_id, step)
+        return info.model_uri, (str(info.registered_model_version) if register_as else None)
+
+    def link_metrics(self, run_id: str, model_id: str, step: int) -> None:
+        """The run's metrics of `step` shown on the logged model too: logged again with the same key, step, time
+        and value (the store keeps one row per those, so the run's history does not change) and the model's id."""
+        from mlflow.entities import Metric
+
+        keys = self.get(run_id).data.metrics
+        linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id)
+                  for key in keys for m in self.client.get_metric_history(run_id, key) if m.step == step]
+        if linked:
+            self.client.log_batch(run_id, metrics=linked)
 
     def log_pyfunc(self, run_id: str, name: str, python_model, artifacts: dict[str, str], register_as: str | None,
                    example=None) -> tuple[str, str | None]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from alexnet.checkpoints import (check_resumable, load_checkpoint_state, load_initial_weights,
                                  read_state, resolve_init_from)
 from alexnet.config import Interrupted, Log, TrainConfig, UsageError
+from alexnet.loop import EPOCH_CLOCK
 from alexnet.outbox import Unsent
 from alexnet.prepared import Prepared, read_prepared
 
@@ -155,7 +156,7 @@ def finished_member(cfg: TrainConfig) -> dict | None:
                     {"ray_run_name": cfg.run_name, "ray_storage": storage_path(cfg.storage_path)})
     if run is None or run.info.status != "FINISHED":
         return None
-    epochs = [step for step, _ in runs.metric_history(run.info.run_id, "epoch")]
+    epochs = [step for step, _ in runs.metric_history(run.info.run_id, EPOCH_CLOCK)]
     if not epochs or max(epochs) < cfg.epochs:  # a larger --epochs extends it
         return None
     errors = runs.metric_history(run.info.run_id, "val/top1_err")
@@ -211,10 +212,13 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
     final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     outbox = Outbox(runs, run_id, folder, log)
     where = best.path if "://" not in storage else f"{storage.split('://')[0]}://{best.path}"
-    outbox.write({"op": "final", "checkpoint": where, "num_classes": prepared.num_classes})
+    outbox.write({"op": "final", "checkpoint": where, "num_classes": prepared.num_classes, "name": name,
+                  "register": cfg.register_model})
     outbox.write({"op": "finish", "status": "FINISHED"})
-    model_uri = runs.get(run_id).data.tags.get("model_uri") if not outbox.ops else "(not logged yet: see below)"
-    summary = {"mlflow_run_id": run_id, "run_name": name, "resumed": resumed, "model_uri": model_uri,
+    logged = runs.get(run_id).data.tags if not outbox.ops else {}
+    summary = {"mlflow_run_id": run_id, "run_name": name, "resumed": resumed,
+               "model_uri": logged.get("model_uri", "(not logged yet: see below)"),
+               "registered_model": logged.get("registered_model"),
                "val/top1_err_best": state["best_top1_err"], "best_epoch": state["epoch"],
                "final_metrics": final, "checkpoint": where}
     if unsent := outbox.unsent():

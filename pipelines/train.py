@@ -41,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         print(f"{summary['run_name']}: best val/top1_err {summary['val/top1_err_best']:.4f} at epoch "
               f"{summary['best_epoch']}; model {summary['model_uri']}")
+        if summary.get("registered_model"):
+            print(f"registered as models:/{summary['registered_model']}")
         print(f"MLflow run id: {summary['mlflow_run_id']}")
     if len(summaries) > 1:
         print(f"ensemble of {len(summaries)}: python pipelines/evaluate.py --data {cfg.data} --runs "

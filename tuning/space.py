@@ -34,7 +34,7 @@ LISTS = ("choice", "grid")
 # What a trial may not change: where data, runs and the cluster are, and the resources of a trial.
 NOT_TUNABLE = {"data", "experiment", "run_name", "tracking_uri", "storage_path", "address", "check_resources",
                "resource_wait_s", "num_workers", "gpus_per_worker", "cpus_per_worker", "max_failures", "keep_checkpoints", "seeds",
-               "init_from"}
+               "init_from", "register_model"}
 
 
 def tunable_keys() -> set[str]:

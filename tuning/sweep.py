@@ -63,13 +63,14 @@ def default_concurrency(cfg: TrainConfig) -> int:
 
 
 def command_line(cfg: TrainConfig) -> str:
-    """The pipelines/train.py command that retrains `cfg` (only the flags that differ from the defaults)."""
+    """The pipelines/train.py command that retrains `cfg` (only the flags that differ from the defaults) as a
+    training run: in the training runs' experiment, not the sweep's."""
     parts = ["python pipelines/train.py", f"--data {cfg.data}"]
     model_options = {f.name for f in dataclasses.fields(ModelConfig)}
     # in --help's order: the training flags, then the model's
     for f in sorted(dataclasses.fields(TrainConfig), key=lambda f: f.name in model_options):
         value = getattr(cfg, f.name)
-        if f.name in ("data", "run_name") or value == f.default:
+        if f.name in ("data", "run_name", "experiment") or value == f.default:
             continue
         flag = "--" + f.name.replace("_", "-")
         parts.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value:g}"

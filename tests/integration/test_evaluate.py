@@ -316,7 +316,7 @@ def test_a_damaged_validation_image_is_left_out_of_the_evaluation_and_named(memb
     client = MlflowClient(mlflow_uri)
     (parent,) = client.search_runs([client.get_experiment_by_name("ensembles").experiment_id],
                                    filter_string="tags.mlflow.runName = 'damaged-val'")
-    assert parent.data.metrics["val/images"] == 47  # 48 stored
+    assert parent.data.params["val_images"] == "47"  # 48 stored
 
 
 def test_the_registered_ensemble_predicts_and_is_served_over_http(members, learnable, mlflow_uri, tmp_path, capsys):

@@ -431,7 +431,7 @@ def test_training_finishes_while_the_tracking_server_is_away_and_the_command_it_
             def first_epoch_logged():
                 exp = client.get_experiment_by_name("away")
                 found = exp and client.search_runs([exp.experiment_id])
-                return found and client.get_metric_history(found[0].info.run_id, "epoch") and found[0].info.run_id
+                return found and client.get_metric_history(found[0].info.run_id, "epoch_seconds") and found[0].info.run_id
 
             run_id = _wait_for(first_epoch_logged, "epoch 1 in MLflow", timeout_s=240)
             _kill_server(server)
@@ -450,7 +450,7 @@ def test_training_finishes_while_the_tracking_server_is_away_and_the_command_it_
             assert sent.returncode == 0, sent.stderr[-3000:]
             run = client.get_run(run_id)
             assert run.info.status == "FINISHED"
-            assert [m.step for m in client.get_metric_history(run_id, "epoch")] == [1, 2, 3, 4, 5]
+            assert [m.step for m in client.get_metric_history(run_id, "epoch_seconds")] == [1, 2, 3, 4, 5]
             assert [m.step for m in client.get_metric_history(run_id, "val/top1_err")] == [1, 2, 3, 4, 5]
             assert {a.path for a in client.list_artifacts(run_id, "train")} >= {"train/learning_curves.png"}
             (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
@@ -484,7 +484,7 @@ def test_a_sweep_finishes_while_the_tracking_server_is_away_and_nothing_is_lost(
             def first_epoch_logged():
                 exp = client.get_experiment_by_name("sweep-away")
                 trials = exp and client.search_runs([exp.experiment_id], "tags.stage = 'tune-trial'")
-                return trials and client.get_metric_history(trials[0].info.run_id, "epoch")
+                return trials and client.get_metric_history(trials[0].info.run_id, "epoch_seconds")
 
             _wait_for(first_epoch_logged, "a trial's epoch 1 in MLflow", timeout_s=240)
             _kill_server(server)
@@ -508,7 +508,7 @@ def test_a_sweep_finishes_while_the_tracking_server_is_away_and_nothing_is_lost(
             assert sorted(float(t.data.params["lr"]) for t in trials) == [0.004, 0.005]
             for t in trials:
                 assert t.info.status == "FINISHED"
-                assert [m.step for m in client.get_metric_history(t.info.run_id, "epoch")] == [1, 2, 3]
+                assert [m.step for m in client.get_metric_history(t.info.run_id, "epoch_seconds")] == [1, 2, 3]
     finally:
         mlflow.set_tracking_uri(mlflow_uri)
 
@@ -597,7 +597,7 @@ def test_a_cpu_training_job_spans_two_nodes_and_survives_losing_one(learnable, s
     after = _history(uri, "train/loss")
     assert [step for step, _ in after] == [1, 2, 3, 4]  # each epoch once: epochs 1-2 were not run again
     assert after[:2] == before[:2]
-    assert [s for s, _ in _history(uri, "epoch")] == [1, 2, 3, 4]
+    assert [s for s, _ in _history(uri, "epoch_seconds")] == [1, 2, 3, 4]
     assert MlflowClient(uri).search_runs(MlflowClient(uri).get_experiment_by_name("alexnet-ray").experiment_id
                                          )[0].info.status == "FINISHED"
 

@@ -27,6 +27,11 @@ def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
+def _states(folder: Path) -> list[dict]:
+    """The kept checkpoints' states of one run's folder."""
+    return [torch.load(c / "state.pt", weights_only=True) for c in folder.glob("checkpoint_*") if c.is_dir()]
+
+
 def _run_id(uri: str, name: str) -> str:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("alexnet-ray")
@@ -36,7 +41,8 @@ def _run_id(uri: str, name: str) -> str:
 
 def test_two_cpu_workers_learn_and_log_everything(learnable, small_args, mlflow_uri, tmp_path, capsys):
     argv = ["--data", str(learnable), "--num-workers", "2", "--epochs", "8", "--run-name", "learns",
-            "--storage-path", str(tmp_path / "ckpt"), *small_args, "--eval-10crop-every", "4"]
+            "--storage-path", str(tmp_path / "ckpt"), *small_args, "--eval-10crop-every", "4",
+            "--register-model", "alexnet-learns"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     run_id = _run_id(mlflow_uri, "learns")
@@ -54,8 +60,11 @@ def test_two_cpu_workers_learn_and_log_everything(learnable, small_args, mlflow_
     for key in ("train/loss", "train/top1_err", "val/top5_err", "lr", "images_per_s", "data_wait_frac"):
         assert len(_history(mlflow_uri, run_id, key)) == 8, key
     assert [s for s, _ in _history(mlflow_uri, run_id, "val/top1_err_10crop")] == [4, 8]
-    # every val image counted once across the two workers (unequal split, nothing dropped)
-    assert {v for _, v in _history(mlflow_uri, run_id, "val/images")} == {48.0}
+    # every val image counted once across the two workers (unequal split, nothing dropped); the count is in
+    # each epoch's report (kept with its checkpoint), and neither it nor the epoch is charted as a metric
+    states = _states(tmp_path / "ckpt" / "learns")
+    assert states and {s["metrics"]["val/images"] for s in states} == {48}
+    assert not _history(mlflow_uri, run_id, "val/images") and not _history(mlflow_uri, run_id, "epoch")
     artifacts = {a.path for a in client.list_artifacts(run_id, "train")}
     assert {"train/conv1_kernels.png", "train/learning_curves.png"} <= artifacts
     # the logged model takes any batch size
@@ -66,6 +75,15 @@ def test_two_cpu_workers_learn_and_log_everything(learnable, small_args, mlflow_
     model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
     for n in (1, 3, 5):
         assert tuple(model(torch.zeros(n, 3, 64, 64)).shape) == (n, 4)
+    # named for what it is (the run's best epoch), carrying that epoch's metrics, registered as asked
+    best_epoch, best_err = min(val, key=lambda e: e[1])
+    assert logged.name == f"learns-epoch{best_epoch}"
+    linked = {m.key: (m.step, m.value) for m in logged.metrics}
+    assert linked["val/top1_err"] == (best_epoch, best_err)
+    assert linked["train/loss"] == (best_epoch, dict(_history(mlflow_uri, run_id, "train/loss"))[best_epoch])
+    assert run.data.metrics["val/top1_err_best"] == best_err
+    assert run.data.tags["registered_model"] == "alexnet-learns/1" and "registered as models:/alexnet-learns/1" in out
+    assert client.get_model_version("alexnet-learns", "1").source == f"models:/{logged.model_id}"
 
 
 def test_resume_continues_at_the_next_epoch_with_the_saved_state(learnable, small_args, mlflow_uri, tmp_path):
@@ -75,7 +93,7 @@ def test_resume_continues_at_the_next_epoch_with_the_saved_state(learnable, smal
     first = _history(mlflow_uri, run_id, "train/loss")
     assert cli.main([*common, "--epochs", "4"]) == 0
     assert _run_id(mlflow_uri, "resumes") == run_id  # the same MLflow run
-    epochs = [s for s, _ in _history(mlflow_uri, run_id, "epoch")]
+    epochs = [s for s, _ in _history(mlflow_uri, run_id, "epoch_seconds")]
     assert epochs == [1, 2, 3, 4]  # epochs 1-2 were not run again
     losses = dict(_history(mlflow_uri, run_id, "train/loss"))
     assert dict(first) == {1: losses[1], 2: losses[2]}
@@ -107,7 +125,7 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_all_epochs(learnable, 
     assert result.get("rc") == 0
     run_id = _run_id(mlflow_uri, "recovers")
     # each epoch logged exactly once: a restart from scratch would log epochs 1-2 again
-    assert [s for s, _ in _history(mlflow_uri, run_id, "epoch")] == [1, 2, 3, 4, 5]
+    assert [s for s, _ in _history(mlflow_uri, run_id, "epoch_seconds")] == [1, 2, 3, 4, 5]
     assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "FINISHED"
 
 
@@ -230,7 +248,8 @@ def test_images_damaged_inside_intact_shards_are_skipped_and_counted_not_a_crash
     run_id = _run_id(mlflow_uri, "damaged-jpegs")
     assert _history(mlflow_uri, run_id, "train/damaged_images") == [(1, 3.0), (2, 3.0)]
     assert _history(mlflow_uri, run_id, "val/damaged_images") == [(1, 1.0), (2, 1.0)]
-    assert _history(mlflow_uri, run_id, "val/images") == [(1, 47.0), (2, 47.0)]  # 48 stored, 1 damaged
+    states = _states(tmp_path / "ckpt" / "damaged-jpegs")
+    assert sorted(s["metrics"]["val/images"] for s in states) == [47, 47]  # 48 stored, 1 damaged
     warning = MlflowClient(mlflow_uri).get_run(run_id).data.tags["warning_damaged_images"]
     assert warning.startswith("epoch 2: stored images that do not decode were skipped (train/damaged_images 3, "
                               "val/damaged_images 1)")
@@ -252,7 +271,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_readable_one(learn
     assert f"WARNING: checkpoint(s) {epochs[3]} (" in out and f"resuming from {epochs[2]} (epoch 2)" in out, out
     run_id = _run_id(mlflow_uri, "damaged")
     # the worker resumed after epoch 2, not from scratch and not from the damaged epoch 3
-    assert [s for s, _ in _history(mlflow_uri, run_id, "epoch")] == [1, 2, 3, 3, 4]
+    assert [s for s, _ in _history(mlflow_uri, run_id, "epoch_seconds")] == [1, 2, 3, 3, 4]
 
     kept = [c for c in (storage / "damaged").glob("checkpoint_*") if c.is_dir()]
     for folder in kept:  # now every kept checkpoint is damaged
@@ -275,7 +294,7 @@ def test_ctrl_c_marks_the_run_killed_exits_130_and_the_same_command_resumes_it(l
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
             try:
-                if _history(mlflow_uri, _run_id(mlflow_uri, "interrupted"), "epoch"):
+                if _history(mlflow_uri, _run_id(mlflow_uri, "interrupted"), "epoch_seconds"):
                     break
             except (ValueError, AttributeError):
                 pass
@@ -288,11 +307,11 @@ def test_ctrl_c_marks_the_run_killed_exits_130_and_the_same_command_resumes_it(l
     run_id = _run_id(mlflow_uri, "interrupted")
     assert f"interrupted: MLflow run {run_id} is KILLED" in err
     assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "KILLED"
-    done = [s for s, _ in _history(mlflow_uri, run_id, "epoch")]
+    done = [s for s, _ in _history(mlflow_uri, run_id, "epoch_seconds")]
     assert 1 <= len(done) < 4
     assert cli.main(argv) == 0  # the same command resumes it
     assert _run_id(mlflow_uri, "interrupted") == run_id
-    assert [s for s, _ in _history(mlflow_uri, run_id, "epoch")] == [1, 2, 3, 4]
+    assert [s for s, _ in _history(mlflow_uri, run_id, "epoch_seconds")] == [1, 2, 3, 4]
     assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "FINISHED"
 
 

@@ -33,7 +33,7 @@ def _children(uri: str, parent_id: str):
 
 def _parent(uri: str, sweep: str):
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("alexnet-ray")
+    exp = client.get_experiment_by_name("sweeps")
     (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.sweep_name = '{sweep}'")
     return run
 
@@ -101,14 +101,14 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(learnabl
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    done_before = {c.info.run_id: len(MlflowClient(mlflow_uri).get_metric_history(c.info.run_id, "epoch"))
+    done_before = {c.info.run_id: len(MlflowClient(mlflow_uri).get_metric_history(c.info.run_id, "epoch_seconds"))
                    for c in finished}
     assert cli.main([*argv, "--resume"]) == 0
     parent = _parent(mlflow_uri, "resumable")
     children = _children(mlflow_uri, parent.info.run_id)
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     for run_id, n in done_before.items():  # finished trials were not run again
-        assert len(MlflowClient(mlflow_uri).get_metric_history(run_id, "epoch")) == n
+        assert len(MlflowClient(mlflow_uri).get_metric_history(run_id, "epoch_seconds")) == n
 
 
 @pytest.mark.parametrize("space, message", [
@@ -211,7 +211,7 @@ def test_ctrl_c_on_a_sweep_kills_its_runs_exits_130_and_resume_finishes_it(learn
         while time.time() < deadline and proc.poll() is None:
             try:
                 parent = _parent(mlflow_uri, "ctrl-c")
-                if any(MlflowClient(mlflow_uri).get_metric_history(c.info.run_id, "epoch")
+                if any(MlflowClient(mlflow_uri).get_metric_history(c.info.run_id, "epoch_seconds")
                        for c in _children(mlflow_uri, parent.info.run_id)):
                     break
             except (ValueError, AttributeError):

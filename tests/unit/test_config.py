@@ -1,5 +1,7 @@
 """Frozen configs: YAML defaults under flags, refusals, dict round trips, the model options TrainConfig derives."""
 
+import dataclasses
+
 import pytest
 
 from alexnet.config import EvalConfig, PreprocessConfig, SweepConfig, TrainConfig, UsageError
@@ -96,7 +98,12 @@ def test_resume_needs_a_name_and_the_retrain_command_lists_what_differs():
     words = command_line(cfg).split()
     assert words[:2] == ["python", "pipelines/train.py"]
     assert {w for w in words if w.startswith("--")} == {"--data", "--lr", "--width", "--no-pca-lighting"}
-    assert TrainConfig.parse_args(words[2:]) == cfg  # the command retrains exactly this config
+    assert cfg.experiment == "sweeps"  # trials have their own experiment; the retrained run is a training run
+    assert TrainConfig.parse_args(words[2:]) == dataclasses.replace(cfg, experiment="alexnet-ray")
+    with pytest.raises(UsageError, match="log no models"):
+        SweepConfig.from_dict({"data": "d", "register_model": "m"})
+    with pytest.raises(UsageError, match="--input-only trains no model"):
+        TrainConfig.from_dict({"data": "d", "register_model": "m", "input_only": True})
 
 
 def test_a_training_config_is_the_models_config_and_its_flags_build_the_net(capsys):

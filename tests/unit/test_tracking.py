@@ -60,7 +60,7 @@ def test_logging_a_model_leaves_mlflows_process_wide_state_as_it_was(runs, monke
     model = torch.nn.Linear(4, 2)
     x = torch.zeros(2, 4).numpy()
     try:
-        uri = runs.log_model(run_id, model, x, model(torch.from_numpy(x)).detach().numpy())
+        uri, version = runs.log_model(run_id, model, x, model(torch.from_numpy(x)).detach().numpy())
         assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
         assert mlflow.get_tracking_uri() != runs.uri  # not left pointing at the store just used
         assert mlflow.active_run() is None
@@ -68,7 +68,34 @@ def test_logging_a_model_leaves_mlflows_process_wide_state_as_it_was(runs, monke
     finally:
         mlflow.set_tracking_uri(None)  # back to following $MLFLOW_TRACKING_URI, which monkeypatch restores
     (logged,) = runs.client.search_logged_models(experiment_ids=[runs.get(run_id).info.experiment_id])
-    assert logged.source_run_id == run_id and uri == f"models:/{logged.model_id}"
+    assert logged.source_run_id == run_id and uri == f"models:/{logged.model_id}" and version is None
+
+
+def test_a_logged_model_carries_its_epochs_metrics_and_registers_without_changing_the_runs_history(runs):
+    """A training run's model is its best epoch's checkpoint: the model shows that epoch's metrics (not the last
+    epoch's), the run's charts keep one point per epoch, and --register-model gives version 1, then 2."""
+    from alexnet.reporting import model_name
+
+    run_id = runs.create(runs.experiment_id("models"), "m")
+    for epoch, err in ((1, 0.6), (2, 0.3), (3, 0.4)):
+        runs.log_metrics(run_id, {"val/top1_err": err, "train/loss": 3.0 / epoch}, step=epoch)
+    runs.log_metrics(run_id, {"val/top1_err_10crop": 0.35}, step=3)
+    model = torch.nn.Linear(4, 2)
+    x = torch.zeros(2, 4).numpy()
+    y = model(torch.from_numpy(x)).detach().numpy()
+    assert model_name("five.seed 1/x", 2) == "five-seed-1-x-epoch2"
+    uri, version = runs.log_model(run_id, model, x, y, name=model_name("m", 2), step=2, params={"width": 0.25},
+                                  register_as="alexnet-test")
+    assert version == "1"
+    (logged,) = runs.client.search_logged_models(experiment_ids=[runs.get(run_id).info.experiment_id],
+                                                 filter_string=f"source_run_id = '{run_id}'")
+    assert logged.name == "m-epoch2" and logged.params == {"width": "0.25"}
+    assert {m.key: m.value for m in logged.metrics} == {"val/top1_err": 0.3, "train/loss": 1.5}
+    assert {m.step for m in logged.metrics} == {2}
+    for key, steps in (("val/top1_err", [1, 2, 3]), ("train/loss", [1, 2, 3]), ("val/top1_err_10crop", [3])):
+        assert [m.step for m in runs.client.get_metric_history(run_id, key)] == steps, key  # nothing doubled
+    assert runs.client.get_model_version("alexnet-test", "1").source == uri
+    assert runs.log_model(run_id, model, x, y, name="again", register_as="alexnet-test")[1] == "2"
 
 
 def test_a_kept_run_creation_is_sent_first_and_the_rest_lands_in_that_run(runs, tmp_path):
