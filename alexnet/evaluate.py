@@ -49,7 +49,7 @@ def run_evaluation(cfg: EvalConfig, log: Log = print) -> dict:
     exp_id = runs.experiment_id(cfg.ensemble_experiment)
     name = cfg.run_name or time.strftime("ensembles-%Y%m%d-%H%M%S")
     common = {"data.path": str(prepared.path), "data.val_fingerprint": prepared.val_fingerprint(),
-              "data.classes": classes_digest(prepared.wnids), "seed": str(cfg.seed)}
+              "data.classes": classes_digest(prepared.wnids)}
     by_id = {m.run_id: m for m in members}
     parent_id = runs.create(exp_id, name, tags=common | {"stage": "evaluate", "members": ",".join(by_id)},
                             params={k: v for k, v in cfg.to_dict().items() if v not in (None, [])}

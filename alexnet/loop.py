@@ -24,7 +24,7 @@ from alexnet.optim import build_optimizer
 # itself and the validation image count are in every report, not charted: the step is the epoch, and the
 # count is the run's data.val_rows less val/damaged_images).
 METRICS = ("train/loss", "train/top1_err", "val/loss", "val/top1_err", "val/top5_err", "val/top1_err_10crop",
-           "val/top5_err_10crop", "val/top1_err_best", "lr", "images_per_s", "data_wait_frac",
+           "val/top5_err_10crop", "val/top1_err_best", "train/lr", "images_per_s", "data_wait_frac",
            "epoch_seconds", "train/damaged_images", "val/damaged_images", "first_batch_s", "train/images")
 # Logged once for every epoch done, in every mode (training, --input-only, sweep trials): its steps are the epochs.
 EPOCH_CLOCK = "epoch_seconds"
@@ -207,7 +207,7 @@ def train_loop_per_worker(config: dict) -> None:
             raise RuntimeError(f"training diverged in epoch {epoch + 1}: train/loss is {loss_sum / n} "
                                f"(lower --lr, now {lr:g})")
         metrics: dict[str, Any] = {
-            "epoch": epoch + 1, "lr": lr, "train/loss": loss_sum / n, "train/top1_err": 1 - correct / n,
+            "epoch": epoch + 1, "train/lr": lr, "train/loss": loss_sum / n, "train/top1_err": 1 - correct / n,
             "train/damaged_images": damaged,
             "images_per_s": n / t["seconds"], "data_wait_frac": waited / busy, "epoch_seconds": t["seconds"],
             "first_batch_s": t["first_batch_s"],

@@ -332,7 +332,7 @@ def _finish(cfg: PreprocessConfig, layout: Layout, files: dict[str, pa.Table], l
     runs = Runs(tracking_uri)
     # named after its output, and timed from the job's start (the run is made once the job's work is done)
     run_id = runs.create(runs.experiment_id(cfg.experiment), cfg.run_name or f"preprocess {out.resolve().name}",
-                         tags={"stage": "preprocess", "input_kind": layout.kind, "output": str(out.resolve())},
+                         tags={"stage": "preprocess", "input_kind": layout.kind, "data.path": str(out.resolve())},
                          params=cfg.to_dict(), start_time=time.time() - (time.perf_counter() - started))
     metrics = {f"{k}/{s}": summary[k][s] for k in ("files_found", "rows_written", "rejects") for s in SPLITS}
     runs.log_metrics(run_id, metrics | {"seconds": seconds, "images_per_s": summary["images_per_s"]})

@@ -61,8 +61,8 @@ def format_epoch(m: dict, epochs: int | None = None) -> str:
         parts.append(f"val err {100 * m['val/top1_err']:.1f}% top5 {100 * m['val/top5_err']:.1f}%")
     if "val/top1_err_10crop" in m:
         parts.append(f"10crop {100 * m['val/top1_err_10crop']:.1f}%")
-    if "lr" in m:
-        parts.append(f"lr {m['lr']:.3g}")
+    if "train/lr" in m:
+        parts.append(f"lr {m['train/lr']:.3g}")
     parts += [f"{m['images_per_s']:,.0f} img/s", f"data wait {100 * m['data_wait_frac']:.0f}%",
               f"first batch {m.get('first_batch_s', 0):.1f}s", f"{m['epoch_seconds']:.1f}s"]
     return "  ".join(parts)

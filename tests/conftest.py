@@ -110,3 +110,10 @@ def learnable(ray_cluster, mlflow_uri, tmp_path_factory) -> Path:
     out = root.parent / "prepared"
     run_preprocess(PreprocessConfig(input=root, output=out, size=72, tracking_uri=mlflow_uri), log=lambda _: None)
     return out
+
+
+def names_in_two_places(run) -> set[str]:
+    """Names an MLflow run holds as both a param and a tag, or as a metric and a param or tag: one name is one
+    thing (the UI's columns and filters would otherwise show two values under it)."""
+    params, tags, metrics = set(run.data.params), set(run.data.tags), set(run.data.metrics)
+    return (params & tags) | (metrics & (params | tags))

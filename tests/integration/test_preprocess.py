@@ -21,6 +21,7 @@ from PIL import Image
 from alexnet.augment import decode_images
 from alexnet.sample import SampleConfig, make_sample
 from pipelines import preprocess as cli
+from tests.conftest import names_in_two_places
 
 pytestmark = pytest.mark.integration  # the shared Ray instance, MLflow servers, subprocess entry points
 
@@ -98,7 +99,8 @@ def test_mlflow_holds_the_run_with_its_artifacts(prepared, mlflow_uri):
     names = {a.path for a in client.list_artifacts(run.info.run_id, "preprocess")}
     assert {"preprocess/mean_image.png", "preprocess/pca.json", "preprocess/rejects.csv"} <= names
     out = prepared[0]
-    assert run.data.tags["mlflow.runName"] == f"preprocess {out.name}" and run.data.tags["output"] == str(out.resolve())
+    assert not names_in_two_places(run)
+    assert run.data.tags["mlflow.runName"] == f"preprocess {out.name}" and run.data.tags["data.path"] == str(out.resolve())
     # the run lasts as long as the job did (it is made at the end, and dated from the start)
     assert abs((run.info.end_time - run.info.start_time) / 1000 - summary["seconds"]) < 5
 

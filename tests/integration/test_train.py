@@ -17,6 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from pipelines import train as cli
+from tests.conftest import names_in_two_places
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,12 +53,13 @@ def test_two_cpu_workers_learn_and_log_everything(learnable, small_args, mlflow_
     assert run.info.status == "FINISHED"
     assert run.data.params["num_workers"] == "2" and run.data.params["init"] == "pytorch"
     assert run.data.tags["data.path"] == str(learnable.resolve())
+    assert not names_in_two_places(run)  # e.g. the initial lr is the param lr, each epoch's is train/lr
     val = _history(mlflow_uri, run_id, "val/top1_err")
     assert [s for s, _ in val] == list(range(1, 9))
     assert min(e for _, e in val) < 0.45, val  # chance is 0.75 with 4 classes
     losses = [v for _, v in _history(mlflow_uri, run_id, "train/loss")]
     assert losses[-1] < 0.9 * math.log(4), losses
-    for key in ("train/loss", "train/top1_err", "val/top5_err", "lr", "images_per_s", "data_wait_frac"):
+    for key in ("train/loss", "train/top1_err", "val/top5_err", "train/lr", "images_per_s", "data_wait_frac"):
         assert len(_history(mlflow_uri, run_id, key)) == 8, key
     assert [s for s, _ in _history(mlflow_uri, run_id, "val/top1_err_10crop")] == [4, 8]
     # every val image counted once across the two workers (unequal split, nothing dropped); the count is in

@@ -18,6 +18,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipelines import tune as cli
+from tests.conftest import names_in_two_places
 from tuning.space import contains
 
 pytestmark = pytest.mark.integration  # the shared Ray instance, MLflow servers, subprocess entry points
@@ -57,6 +58,7 @@ def test_a_sweep_with_asha_logs_a_parent_and_one_child_per_trial(learnable, smal
     assert json.loads(parent.data.tags["best_config"])["lr"] == 0.01
     children = _children(mlflow_uri, parent.info.run_id)
     assert len(children) == 2
+    assert not any(names_in_two_places(r) for r in [parent, *children])
     epochs = []
     for child in children:
         assert child.info.status == "FINISHED"
