@@ -91,13 +91,14 @@ def register_ensemble(cfg: EvalConfig, rows: list[dict], by_id: dict, prepared, 
     """--register-model: the largest evaluated ensemble (its crops: 10crop where both were evaluated) as one pyfunc
     model on the summary run, registered under the name given."""
     from alexnet.served import EnsembleModel, ensemble_artifacts
+    from alexnet.tracking import logged_model_name
 
     if not cfg.register_model:
         return None
     crops = cfg.modes[-1]
     row = max((r for r in rows if r["crops"] == crops), key=lambda r: r["size"])
     members = [by_id[i] for i in row["members"]]
-    uri, version = runs.log_pyfunc(parent_id, "ensemble", EnsembleModel(),
+    uri, version = runs.log_pyfunc(parent_id, logged_model_name(row["label"], crops), EnsembleModel(),
                                    ensemble_artifacts(members, prepared, crops, folder), cfg.register_model)
     runs.set_tags(parent_id, {"registered_model": f"{cfg.register_model}/{version}"})
     log(f"registered the {row['label']} ensemble ({len(members)} members, {crops}) as models:/{cfg.register_model}/"

@@ -16,7 +16,7 @@ import torch
 from alexnet.cluster import watched
 from alexnet.config import EvalConfig, Log, UsageError
 from alexnet.members import Member
-from alexnet.prepared import Prepared
+from alexnet.prepared import Prepared, load_mean_image
 from alexnet.tracking import Runs
 
 
@@ -53,8 +53,8 @@ class MemberModel:
 class MemberPredictor:
     """Ray Data actor: softmax per test-view mode for each batch of decoded validation images."""
 
-    def __init__(self, member: Member, mean_image: np.ndarray, size: int, modes: tuple[str, ...], use_gpu: bool):
-        self.net, self.modes = MemberModel(member, mean_image, size, use_gpu), modes
+    def __init__(self, member: Member, data: str, size: int, modes: tuple[str, ...], use_gpu: bool):
+        self.net, self.modes = MemberModel(member, load_mean_image(data), size, use_gpu), modes
 
     def __call__(self, batch: dict) -> dict:
         return {"path": batch["path"], "label": batch["label"], "valid": batch["valid"]} | {
@@ -87,7 +87,7 @@ def infer_member(member: Member, prepared: Prepared, modes: tuple[str, ...], cfg
 
     ds = decoded_images(prepared.val_files, prepared.size, ["image", "label", "path"], num_cpus=1).map_batches(
         MemberPredictor, batch_size=cfg.batch_size,
-        fn_constructor_kwargs={"member": member, "mean_image": prepared.mean_image, "size": prepared.size,
+        fn_constructor_kwargs={"member": member, "data": str(prepared.path), "size": prepared.size,
                                "modes": modes, "use_gpu": cfg.gpus_per_actor > 0}, **actor_pool(cfg))
     parts: dict[str, list] = {"path": [], "label": []} | {m: [] for m in modes}
     damaged: list[str] = []

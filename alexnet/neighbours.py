@@ -12,14 +12,14 @@ from alexnet.cluster import watched
 from alexnet.config import EvalConfig
 from alexnet.inference import MemberModel, actor_needs, actor_pool
 from alexnet.members import Member
-from alexnet.prepared import Prepared
+from alexnet.prepared import Prepared, load_mean_image
 
 
 class NeighbourSearch:
     """Ray Data actor: fc7 features of training images' centre patches; per batch, each query's nearest k."""
 
-    def __init__(self, member: Member, mean_image: np.ndarray, size: int, queries: np.ndarray, k: int, use_gpu: bool):
-        self.net, self.k = MemberModel(member, mean_image, size, use_gpu), k
+    def __init__(self, member: Member, data: str, size: int, queries: np.ndarray, k: int, use_gpu: bool):
+        self.net, self.k = MemberModel(member, load_mean_image(data), size, use_gpu), k
         self.queries = torch.as_tensor(queries, device=self.net.device)
 
     def __call__(self, batch: dict) -> dict:
@@ -60,7 +60,7 @@ def figure4(member: Member, prepared: Prepared, cfg: EvalConfig, path: Path, k: 
     ds = read_shards(prepared.train_files, ["image", "label", "path"])
     ds = ds.map_batches(_decode_keep_jpeg, batch_size=32, num_cpus=1)
     ds = ds.map_batches(NeighbourSearch, batch_size=cfg.batch_size,
-                        fn_constructor_kwargs={"member": member, "mean_image": prepared.mean_image,
+                        fn_constructor_kwargs={"member": member, "data": str(prepared.path),
                                                "size": prepared.size, "queries": queries, "k": k,
                                                "use_gpu": cfg.gpus_per_actor > 0},
                         **actor_pool(cfg))

@@ -213,6 +213,13 @@ def check_shards(path: Path, summary: dict) -> None:
             raise UsageError(f"--data {path}: shard {name} holds {rows} rows, {SUMMARY} says {want['rows']}")
 
 
+def load_mean_image(path: Path | str) -> np.ndarray:
+    """A preprocessing output's mean image, (S, S, 3) float32 on the 0-255 scale. Ray actors read it where they
+    run: passed as an argument it would sit in the object store (786 KB at 256 px), and Ray then warns on the
+    console that a restarted actor could lose it."""
+    return np.load(Path(path) / MEAN_IMAGE).astype(np.float32)
+
+
 def read_prepared(path: Path) -> Prepared:
     """UsageError with the reason when `path` is not a finished preprocessing output with statistics."""
     path = Path(path).resolve()
@@ -235,7 +242,7 @@ def read_prepared(path: Path) -> Prepared:
     return Prepared(
         path=path, size=int(summary["config"]["size"]),
         wnids=[c["wnid"] for c in json.loads((path / CLASSES).read_text())["classes"]],
-        mean_image=np.load(path / MEAN_IMAGE).astype(np.float32),
+        mean_image=load_mean_image(path),
         eigenvalues=np.asarray(pca["eigenvalues"], np.float64),
         eigenvectors=np.asarray(pca["eigenvectors"], np.float64),
         train_files=train_files,

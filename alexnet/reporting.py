@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from alexnet.loop import epoch_metrics
 from alexnet.model import SHAPE_KEYS
 from alexnet.outbox import Outbox
 from alexnet.prepared import Prepared, classes_digest
-from alexnet.tracking import Runs
+from alexnet.tracking import Runs, logged_model_name
 
 
 def open_training_run(runs: Runs, cfg: TrainConfig, name: str, storage: str, prepared: Prepared, log: Log,
@@ -116,11 +115,6 @@ class TrainingReporter(UserCallback):
             self.outbox.write({"op": "tags", "tags": {"warning": message}})
 
 
-def model_name(run_name: str, epoch: int) -> str:
-    """What the logged model is: the run's checkpoint of that epoch (a LoggedModel name allows no . / : % ' ")."""
-    return re.sub(r"[./:%'\"\s]+", "-", f"{run_name}-epoch{epoch}")
-
-
 def log_final_artifacts(runs: Runs, run_id: str, state: dict, num_classes: int, name: str,
                         register_as: str | None = None) -> tuple[str, str | None]:
     """The model of the checkpoint `state` (any batch size; with that epoch's metrics; registered as `register_as`
@@ -136,7 +130,7 @@ def log_final_artifacts(runs: Runs, run_id: str, state: dict, num_classes: int, 
         logits = model(torch.from_numpy(example)).numpy()
     epoch = int(state["epoch"])
     params = {k: state["config"][k] for k in SHAPE_KEYS if k in state["config"]} | {"num_classes": num_classes}
-    model_uri, version = runs.log_model(run_id, model, example, logits, name=model_name(name, epoch), step=epoch,
+    model_uri, version = runs.log_model(run_id, model, example, logits, name=logged_model_name(name, f"epoch{epoch}"), step=epoch,
                                         params=params, tags={"epoch": str(epoch), "selected_by": "val/top1_err"},
                                         register_as=register_as)
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -85,6 +86,11 @@ def param_value(value: Any) -> str:
 
 def _tag_filter(tags: dict[str, str]) -> str:
     return " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+
+
+def logged_model_name(*parts: str) -> str:
+    """A LoggedModel name saying what the model is (MLflow allows no . / : % ' " in one): the parts joined by -."""
+    return re.sub(r"[./:%'\"\s]+", "-", "-".join(parts))
 
 
 class Runs:
@@ -253,4 +259,5 @@ class Runs:
                     registered_model_name=register_as)
         finally:
             mlflow.set_tracking_uri(before)
+        self.link_metrics(run_id, info.model_id, 0)
         return info.model_uri, (str(info.registered_model_version) if register_as else None)

@@ -344,6 +344,14 @@ def test_the_registered_ensemble_predicts_and_is_served_over_http(members, learn
     assert f"as models:/{name}/1" in out
     client = MlflowClient(mlflow_uri)
     assert client.get_model_version(name, "1").status == "READY"
+    # the logged model is named for what it is and shows the ensemble's error
+    exp = client.get_experiment_by_name("ensembles").experiment_id
+    (parent,) = client.search_runs([exp], filter_string="tags.mlflow.runName = 'eval-registered'")
+    (logged,) = client.search_logged_models(experiment_ids=[exp],
+                                            filter_string=f"source_run_id = '{parent.info.run_id}'")
+    assert logged.name == "3-CNNs-center" and client.get_model_version(name, "1").source == f"models:/{logged.model_id}"
+    assert {m.key: m.value for m in logged.metrics}["largest/center/top1_err"] == \
+        parent.data.metrics["largest/center/top1_err"]
 
     prepared = read_prepared(learnable)
     val = pq.read_table(prepared.val_files).sort_by("path").slice(0, 6).to_pydict()

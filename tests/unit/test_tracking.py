@@ -74,7 +74,7 @@ def test_logging_a_model_leaves_mlflows_process_wide_state_as_it_was(runs, monke
 def test_a_logged_model_carries_its_epochs_metrics_and_registers_without_changing_the_runs_history(runs):
     """A training run's model is its best epoch's checkpoint: the model shows that epoch's metrics (not the last
     epoch's), the run's charts keep one point per epoch, and --register-model gives version 1, then 2."""
-    from alexnet.reporting import model_name
+    from alexnet.tracking import logged_model_name
 
     run_id = runs.create(runs.experiment_id("models"), "m")
     for epoch, err in ((1, 0.6), (2, 0.3), (3, 0.4)):
@@ -83,8 +83,8 @@ def test_a_logged_model_carries_its_epochs_metrics_and_registers_without_changin
     model = torch.nn.Linear(4, 2)
     x = torch.zeros(2, 4).numpy()
     y = model(torch.from_numpy(x)).detach().numpy()
-    assert model_name("five.seed 1/x", 2) == "five-seed-1-x-epoch2"
-    uri, version = runs.log_model(run_id, model, x, y, name=model_name("m", 2), step=2, params={"width": 0.25},
+    assert logged_model_name("five.seed 1/x", "epoch2") == "five-seed-1-x-epoch2"
+    uri, version = runs.log_model(run_id, model, x, y, name=logged_model_name("m", "epoch2"), step=2, params={"width": 0.25},
                                   register_as="alexnet-test")
     assert version == "1"
     (logged,) = runs.client.search_logged_models(experiment_ids=[runs.get(run_id).info.experiment_id],
