@@ -1,6 +1,7 @@
 """A console a person can read: by default only the project's own lines reach the terminal.
 
-Ray's and MLflow's log records and Python warnings go to one file per job (named once, at the start); the
+Ray's and MLflow's log records, Python warnings and what Ray's C++ core writes to the driver's stderr go to one
+file per job (named once, at the start); the
 output of Ray's worker processes stays in Ray's session logs (`log_to_driver` off); the lines the project
 prints from inside Ray (a training run's epoch lines, printed in the Ray Train controller) travel to the
 driver through a `Relay`. `--verbose` leaves everything as Ray and MLflow have it.
@@ -9,13 +10,15 @@ driver through a `Relay`. `--verbose` leaves everything as Ray and MLflow have i
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from alexnet.config import Log
 
@@ -39,6 +42,36 @@ def _to_file(handler: logging.Handler) -> list[tuple]:
         logger.handlers = kept + [handler]
         logger.propagate = False
     return saved
+
+
+def _native_stderr_to(path: Path) -> Callable[[], None]:
+    """File descriptor 2 into the log file: Ray's C++ core worker in the driver writes its errors and warnings
+    there (e.g. "Actor ... has constructor arguments in the object store"), past Python's logging. Python's own
+    sys.stderr keeps the terminal when it is file descriptor 2 (when it is not, e.g. under pytest's capture, it
+    is not touched). Returns what puts both back."""
+    try:
+        python_writes_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        python_writes_fd2 = False
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    before = sys.stderr
+    if python_writes_fd2:
+        sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(terminal), "wb", buffering=0), encoding=before.encoding,
+                                      errors="backslashreplace", line_buffering=True, write_through=True)
+
+    def put_back() -> None:
+        if python_writes_fd2:
+            sys.stderr.flush()
+            sys.stderr.close()
+        sys.stderr = before
+        os.dup2(terminal, 2)
+        os.close(terminal)
+
+    return put_back
 
 
 def keep_quiet() -> None:
@@ -65,11 +98,13 @@ def job_console(stage: str, verbose: bool, log: Log = print) -> Iterator[Path | 
     saved = _to_file(handler)
     logging.captureWarnings(True)
     _state.update(quiet=True, handler=handler)
+    native = _native_stderr_to(path)
     log(f"logs of Ray and MLflow: {path}; of Ray's processes: Ray's session logs (/tmp/ray/session_latest/logs "
         "on a local instance); --verbose shows them here")
     try:
         yield path
     finally:
+        native()
         _state.update(quiet=False, handler=None)
         logging.captureWarnings(False)
         for logger, handlers, propagate in saved:
