@@ -105,7 +105,8 @@ class TrainConfig(ConfigBase, ModelConfig):
     storage_path: str | None = field(None, help="where Ray Train keeps checkpoints: a shared folder or s3:// on "
                                      "multi-node clusters (default: ./ray_results)")
     register_model: str | None = field(None, help="register the run's model (its best checkpoint) in the MLflow "
-                                       "Model Registry under this name: a new version per run (per member with --seeds)")
+                                       "Model Registry under this name: a new version per run (per member with "
+                                       "--seeds)")
     keep_checkpoints: int = field(3, help="checkpoints kept besides the latest (the best by val/top1_err)")
     max_failures: int = field(3, help="worker-group restarts from the last checkpoint before the run fails")
     address: str | None = address_field()

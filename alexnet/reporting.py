@@ -130,9 +130,9 @@ def log_final_artifacts(runs: Runs, run_id: str, state: dict, num_classes: int, 
         logits = model(torch.from_numpy(example)).numpy()
     epoch = int(state["epoch"])
     params = {k: state["config"][k] for k in SHAPE_KEYS if k in state["config"]} | {"num_classes": num_classes}
-    model_uri, version = runs.log_model(run_id, model, example, logits, name=logged_model_name(name, f"epoch{epoch}"), step=epoch,
-                                        params=params, tags={"epoch": str(epoch), "selected_by": "val/top1_err"},
-                                        register_as=register_as)
+    tags = {"epoch": str(epoch), "selected_by": "val/top1_err"}
+    model_uri, version = runs.log_model(run_id, model, example, logits, name=logged_model_name(name, f"epoch{epoch}"),
+                                        step=epoch, params=params, tags=tags, register_as=register_as)
     with tempfile.TemporaryDirectory() as tmp:
         save_kernel_png(model, Path(tmp) / "conv1_kernels.png")
         learning_curves_png(runs, run_id, Path(tmp) / "learning_curves.png")

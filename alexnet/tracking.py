@@ -254,7 +254,7 @@ class Runs:
                     name=name, python_model=python_model, artifacts=artifacts,
                     signature=ModelSignature(inputs=Schema([ColSpec("binary", "image")])),
                     code_paths=[str(Path(alexnet.__file__).parent)],  # the model loads without this checkout
-                    pip_requirements=["torch", "torchvision", "pillow", "numpy", "pandas", "pyarrow", "pyyaml",
+                    pip_requirements=["torch", "torchvision", "pillow", "simplejpeg", "numpy", "pandas", "pyarrow", "pyyaml",
                                       "mlflow"],
                     registered_model_name=register_as)
         finally:

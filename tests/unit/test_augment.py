@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.augment import Normalizer, decode_image, eval_batch, eval_views, lighting, train_batch
+from alexnet.augment import Normalizer, decode_checked, decode_image, eval_batch, eval_views, lighting, train_batch
 from alexnet.imaging import encode_jpeg
 
 SIZE, CROP = 40, 32
@@ -89,11 +89,25 @@ def test_both_mean_subtractions_agree_to_the_bit():
     assert torch.equal(norm._minus_mean_gathered(images, offsets, flips), norm._minus_mean_sliced(images, offsets, flips))
 
 
-def test_stored_images_decode_to_the_same_pixels_as_pillow():
+def test_stored_images_decode_to_the_same_pixels_as_pillow_and_torchvision():
     from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
 
     for jpeg in _stored(4, seed=7):
-        np.testing.assert_array_equal(decode_image(jpeg), np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).transpose(2, 0, 1))
+        ours = decode_image(jpeg)
+        np.testing.assert_array_equal(ours, np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).transpose(2, 0, 1))
+        theirs = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        np.testing.assert_array_equal(ours, theirs.numpy())  # nvJPEG (--decode gpu) is checked against these
+
+
+def test_a_jpeg_corrupt_inside_is_invalid_not_grey_blocks():
+    """torchvision decodes a JPEG with zeroed bytes in its middle to an image (libjpeg-turbo's warning only);
+    the decoder here refuses it, so training and evaluation skip it and count it."""
+    jpeg = _stored(1, seed=5)[0]
+    third = len(jpeg) // 3
+    broken = jpeg[:third] + bytes(third) + jpeg[2 * third:]
+    images, valid = decode_checked([jpeg, broken, jpeg[: len(jpeg) // 2], b"not a jpeg"])
+    assert valid.tolist() == [True, False, False, False] and not images[1:].any()
 
 
 def test_ten_views_are_four_corners_and_centre_each_flipped():
