@@ -10,6 +10,10 @@ from alexnet.config import TrainConfig
 from alexnet.prepared import ROW_GROUP_BYTES, Prepared
 
 DECODE_BATCH = 32  # rows per Ray Data decoding task call
+# Training blocks: ~4 row groups in, ~430 patches of 224 px out. Each block costs Ray Data a task and object
+# store traffic of its own: on 2 cores, one-row-group blocks kept each worker process idle half of the epoch
+# (1,300 img/s delivered), 64 MiB blocks 2,000 img/s (measured with bench/input_speed.py, README "Benchmarks").
+TRAIN_BLOCK_BYTES = 64 << 20
 
 
 def one_stage(ds: ray.data.Dataset) -> ray.data.Dataset:
@@ -20,14 +24,15 @@ def one_stage(ds: ray.data.Dataset) -> ray.data.Dataset:
     return ds
 
 
-def read_shards(files: list[str], columns: list[str], shuffle: str | None = None) -> ray.data.Dataset:
-    """Ray Data over preprocessing shards, in blocks of one row group.
+def read_shards(files: list[str], columns: list[str], shuffle: str | None = None,
+                block_bytes: int = ROW_GROUP_BYTES) -> ray.data.Dataset:
+    """Ray Data over preprocessing shards, in blocks of `block_bytes` (default: one row group).
 
     Ray's default 128 MiB blocks would read a whole shard as one block: one task decodes it,
-    and a training pass's first batch waits for ~1000 images instead of ~100.
+    and a pass's first batch waits for ~1000 images instead of ~100.
     """
     ds = ray.data.read_parquet(files, shuffle=shuffle).select_columns(columns)
-    ds.context.target_max_block_size = ROW_GROUP_BYTES
+    ds.context.target_max_block_size = block_bytes
     return ds
 
 
@@ -44,7 +49,7 @@ def build_datasets(cfg: TrainConfig, prepared: Prepared) -> dict[str, ray.data.D
     # File order reshuffled every epoch (streaming; a block-level shuffle would wait for the whole read),
     # rows mixed further in each worker's local shuffle buffer.
     # --decode gpu: the tasks only read bytes and draw the crops; each worker decodes its batch on its GPU
-    train = (read_shards(prepared.train_files, ["image", "label"], shuffle="files")
+    train = (read_shards(prepared.train_files, ["image", "label"], shuffle="files", block_bytes=TRAIN_BLOCK_BYTES)
              .map_batches(train_draws if cfg.decode == "gpu" else train_batch, batch_size=DECODE_BATCH,
                           batch_format="numpy",
                           fn_kwargs=dict(crop=cfg.image_size, eigenvalues=prepared.eigenvalues,
