@@ -78,7 +78,8 @@ class TrainConfig(ConfigBase, ModelConfig):
                            choices=("paper", "torch"))
     lr_patience: int = field(5, help="epochs without a better val/top1_err before the learning rate is divided by 10")
     max_lr_drops: int = field(3, help="at most this many divisions by 10 (the paper made 3)")
-    seed: int = field(0, help="seed of the initial weights and the dropout masks")
+    seed: int = field(0, help="seed of the initial weights, the dropout masks, the order of the training images "
+                     "and their crops, flips and lighting")
     seeds: int = field(1, help="train this many members alike, seeds --seed, --seed+1, ...: one ensemble group "
                        "(runs NAME-seedS, tag ensemble_group=NAME)")
     init_from: str | None = field(None, help="start from these weights (fine-tuning): an MLflow run id of a training "
@@ -89,7 +90,8 @@ class TrainConfig(ConfigBase, ModelConfig):
     lighting_sigma: float = field(0.1, help="std of the PCA lighting coefficients")
     pixel_scale: float = field(1.0, help="inputs are (pixels - mean image) x this; the paper used raw 0-255 (1.0)")
     eval_10crop_every: int = field(10, help="also report val/top1_err_10crop every N epochs (0: last epoch only)")
-    shuffle_buffer: int = field(1000, help="rows in each worker's local shuffle buffer")
+    shuffle_mb: int = field(64, help="MiB of stored JPEGs per read task: each task shuffles the rows of its row "
+                            "groups, which come in a new seeded order every epoch")
     decode: str = field("cpu", help="cpu: Ray Data's CPU tasks decode and crop; gpu: they only read the JPEG bytes, "
                         "each worker decodes and crops its batch on its GPU", choices=("cpu", "gpu"))
     input_only: bool = field(False, help="measure the input alone: every batch reaches the worker's device as the "
@@ -133,8 +135,8 @@ class TrainConfig(ConfigBase, ModelConfig):
             (self.lr_patience >= 0 and self.max_lr_drops >= 0, "--lr-patience and --max-lr-drops must be >= 0"),
             (self.lighting_sigma >= 0 and self.pixel_scale > 0, "need --lighting-sigma >= 0 and --pixel-scale > 0"),
             (self.decode == "cpu" or self.gpus_per_worker > 0, "--decode gpu needs --gpus-per-worker 1 or 2"),
-            (self.eval_10crop_every >= 0 and self.shuffle_buffer >= 0 and self.keep_checkpoints >= 1
-             and self.max_failures >= 0, "need --eval-10crop-every, --shuffle-buffer, --max-failures >= 0 "
+            (self.eval_10crop_every >= 0 and self.shuffle_mb >= 1 and self.keep_checkpoints >= 1
+             and self.max_failures >= 0, "need --eval-10crop-every, --max-failures >= 0, --shuffle-mb "
              "and --keep-checkpoints >= 1"),
             (self.seeds >= 1, f"--seeds must be at least 1, got {self.seeds}"),
             (self.resource_wait_s > 0, f"--resource-wait-s must be > 0, got {self.resource_wait_s:g}"),

@@ -1,19 +1,15 @@
-"""Ray Data over the preprocessing shards: training and validation inputs, and how Ray Train splits them."""
+"""Ray Data over the preprocessing shards: whole decoded images (validation, evaluation), and how Ray Train splits
+validation."""
 
 from __future__ import annotations
 
 import ray
 from ray.train import DataConfig
 
-from alexnet.augment import eval_batch, train_batch, train_draws
-from alexnet.config import TrainConfig
+from alexnet.augment import eval_batch
 from alexnet.prepared import ROW_GROUP_BYTES, Prepared
 
-DECODE_BATCH = 32  # rows per Ray Data decoding task call
-# Training blocks: ~4 row groups in, ~430 patches of 224 px out. Each block costs Ray Data a task and object
-# store traffic of its own: on 2 cores, one-row-group blocks kept each worker process idle half of the epoch
-# (1,300 img/s delivered), 64 MiB blocks 2,000 img/s (measured with bench/input_speed.py, README "Benchmarks").
-TRAIN_BLOCK_BYTES = 64 << 20
+DECODE_BATCH = 32  # rows per Ray Data decoding call
 
 
 def one_stage(ds: ray.data.Dataset) -> ray.data.Dataset:
@@ -24,15 +20,14 @@ def one_stage(ds: ray.data.Dataset) -> ray.data.Dataset:
     return ds
 
 
-def read_shards(files: list[str], columns: list[str], shuffle: str | None = None,
-                block_bytes: int = ROW_GROUP_BYTES) -> ray.data.Dataset:
-    """Ray Data over preprocessing shards, in blocks of `block_bytes` (default: one row group).
+def read_shards(files: list[str], columns: list[str]) -> ray.data.Dataset:
+    """Ray Data over preprocessing shards, in blocks of one row group.
 
     Ray's default 128 MiB blocks would read a whole shard as one block: one task decodes it,
     and a pass's first batch waits for ~1000 images instead of ~100.
     """
-    ds = ray.data.read_parquet(files, shuffle=shuffle).select_columns(columns)
-    ds.context.target_max_block_size = block_bytes
+    ds = ray.data.read_parquet(files).select_columns(columns)
+    ds.context.target_max_block_size = ROW_GROUP_BYTES
     return ds
 
 
@@ -43,25 +38,13 @@ def decoded_images(files: list[str], size: int, columns: list[str] = ("image", "
                                                          fn_kwargs={"size": size}, **map_args)
 
 
-def build_datasets(cfg: TrainConfig, prepared: Prepared) -> dict[str, ray.data.Dataset]:
-    """Lazy Ray Data pipelines: re-executed every epoch, so the random crops, flips and lighting are new each time."""
-    sigma = cfg.lighting_sigma if cfg.pca_lighting else 0.0
-    # File order reshuffled every epoch (streaming; a block-level shuffle would wait for the whole read),
-    # rows mixed further in each worker's local shuffle buffer.
-    # --decode gpu: the tasks only read bytes and draw the crops; each worker decodes its batch on its GPU
-    train = (read_shards(prepared.train_files, ["image", "label"], shuffle="files", block_bytes=TRAIN_BLOCK_BYTES)
-             .map_batches(train_draws if cfg.decode == "gpu" else train_batch, batch_size=DECODE_BATCH,
-                          batch_format="numpy",
-                          fn_kwargs=dict(crop=cfg.image_size, eigenvalues=prepared.eigenvalues,
-                                         eigenvectors=prepared.eigenvectors, sigma=sigma, size=prepared.size)))
-    datasets = {"train": train}
-    if prepared.val_files:
-        datasets["val"] = decoded_images(prepared.val_files, prepared.size)
-    return datasets
+def build_datasets(prepared: Prepared) -> dict[str, ray.data.Dataset]:
+    """The datasets Ray Train splits: validation only (each worker builds its own training epochs: alexnet.stream)."""
+    return {"val": decoded_images(prepared.val_files, prepared.size)} if prepared.val_files else {}
 
 
 class ValSplitUnequally(DataConfig):
-    """Train is split in equal parts (DDP steps in lockstep); val in unequal parts, so no image is dropped."""
+    """Val in unequal parts, so no image is dropped."""
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         val = datasets.get("val")

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from alexnet.augment import Normalizer, eval_views, gpu_train_batch
+from alexnet.augment import Normalizer, eval_views
 from alexnet.checkpoints import (load_initial_weights, read_state, report_with_checkpoint, restore_training_state,
                                  training_state)
 from alexnet.config import TrainConfig
 from alexnet.model import build_model
 from alexnet.optim import build_optimizer
+from alexnet.stream import stream_per_worker
 
 # Per-epoch metrics, as reported by the workers and logged to MLflow with the epoch as the step (the epoch
 # itself and the validation image count are in every report, not charted: the step is the epoch, and the
@@ -51,15 +52,6 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
 
 def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-
-
-def epoch_batches(shard, cfg: TrainConfig, per_worker: int, size: int, device: torch.device):
-    """This worker's training batches for one epoch, as tensors on `device` (decoded there with --decode gpu)."""
-    common = dict(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=cfg.shuffle_buffer or None)
-    if cfg.decode == "gpu":
-        return (gpu_train_batch(b, size, cfg.image_size, device)
-                for b in shard.iter_batches(batch_format="numpy", **common))
-    return shard.iter_torch_batches(device=device, **common)
 
 
 def train_epoch(net, optimizer, batches, normalizer: Normalizer, cfg: TrainConfig, device: torch.device) -> dict:
@@ -160,7 +152,7 @@ def _validate(model, val_shard, normalizer, cfg: TrainConfig, size: int, per_wor
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: config = {"cfg": TrainConfig dict, "num_classes", "size", "mean_image", "has_val",
-    "init_from"}."""
+    "init_from", "train": stream.train_plan}."""
     import ray.train
     import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel
@@ -170,11 +162,11 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     devices = list(ray.train.torch.get_devices()) if cfg.gpus_per_worker else [torch.device("cpu")]
     device = devices[0]  # input, output layer and loss live on the first device
-    normalizer = Normalizer(config["mean_image"], device, cfg.pixel_scale, cfg.channels_last)
-    train_shard = ray.train.get_dataset_shard("train")
+    normalizer = Normalizer(config["mean_image"], device, cfg.pixel_scale, cfg.channels_last, reuse_output=True)
     per_worker = cfg.batch_size // world
     if cfg.input_only:
-        return _input_only_per_worker(cfg, train_shard, normalizer, per_worker, config["size"], device, world)
+        stream = stream_per_worker(cfg, config["train"], rank, world, per_worker, device, first_epoch=0)
+        return _input_only_per_worker(cfg, stream, normalizer, device, world)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, config["num_classes"], devices)
     if cfg.channels_last:
@@ -193,49 +185,54 @@ def train_loop_per_worker(config: dict) -> None:
     if start_epoch == 0 and config.get("init_from"):
         load_initial_weights(model, read_state(config["init_from"]))
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    stream = stream_per_worker(cfg, config["train"], rank, world, per_worker, device, first_epoch=start_epoch)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch, rank))
+            lr = optimizer.param_groups[0]["lr"]
+            t = train_epoch(net, optimizer, stream.epoch(epoch), normalizer, cfg, device)
+            loss_sum, correct, n, damaged, waited, busy = _all_reduce(
+                [t["loss_sum"], t["correct"], t["n"], t["damaged"], t["waited"], t["seconds"]], device)
+            if n == 0:
+                raise RuntimeError(f"epoch {epoch + 1}: no training image decoded (all {damaged:.0f} damaged)")
+            if not math.isfinite(loss_sum):  # nothing later can recover: stop instead of training on NaNs
+                raise RuntimeError(f"training diverged in epoch {epoch + 1}: train/loss is {loss_sum / n} "
+                                   f"(lower --lr, now {lr:g})")
+            metrics: dict[str, Any] = {
+                "epoch": epoch + 1, "train/lr": lr, "train/loss": loss_sum / n, "train/top1_err": 1 - correct / n,
+                "train/damaged_images": damaged,
+                "images_per_s": n / t["seconds"], "data_wait_frac": waited / busy, "epoch_seconds": t["seconds"],
+                "first_batch_s": t["first_batch_s"],
+            }
+            if val_shard is not None:
+                metrics |= _validate(model, val_shard, normalizer, cfg, config["size"], per_worker, epoch, device)
+                scheduler.step(metrics["val/top1_err"])
+                best = min(best, metrics["val/top1_err"])
+            else:
+                scheduler.step(metrics["train/loss"])
+            metrics["val/top1_err_best"] = best
+            metrics = {k: metrics[k] for k in FIRST if k in metrics} | metrics  # the columns of Tune's status table
+            if rank == 0:  # the weights are the same on every worker: one writes the checkpoint
+                state = training_state(model, optimizer, scheduler, epoch + 1, best, cfg) | {"metrics": metrics}
+                report_with_checkpoint(metrics, state)
+            else:
+                ray.train.report(metrics)
+    finally:
+        stream.close()
 
-    for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, rank))
-        lr = optimizer.param_groups[0]["lr"]
-        t = train_epoch(net, optimizer, epoch_batches(train_shard, cfg, per_worker, config["size"], device),
-                        normalizer, cfg, device)
-        loss_sum, correct, n, damaged, waited, busy = _all_reduce(
-            [t["loss_sum"], t["correct"], t["n"], t["damaged"], t["waited"], t["seconds"]], device)
-        if n == 0:
-            raise RuntimeError(f"no full batch of {per_worker} images per worker: lower --batch-size")
-        if not math.isfinite(loss_sum):  # nothing later can recover: stop instead of training on NaNs
-            raise RuntimeError(f"training diverged in epoch {epoch + 1}: train/loss is {loss_sum / n} "
-                               f"(lower --lr, now {lr:g})")
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1, "train/lr": lr, "train/loss": loss_sum / n, "train/top1_err": 1 - correct / n,
-            "train/damaged_images": damaged,
-            "images_per_s": n / t["seconds"], "data_wait_frac": waited / busy, "epoch_seconds": t["seconds"],
-            "first_batch_s": t["first_batch_s"],
-        }
-        if val_shard is not None:
-            metrics |= _validate(model, val_shard, normalizer, cfg, config["size"], per_worker, epoch, device)
-            scheduler.step(metrics["val/top1_err"])
-            best = min(best, metrics["val/top1_err"])
-        else:
-            scheduler.step(metrics["train/loss"])
-        metrics["val/top1_err_best"] = best
-        metrics = {k: metrics[k] for k in FIRST if k in metrics} | metrics  # the columns of Tune's status table
-        if rank == 0:  # the weights are the same on every worker: one writes the checkpoint
-            state = training_state(model, optimizer, scheduler, epoch + 1, best, cfg) | {"metrics": metrics}
-            report_with_checkpoint(metrics, state)
-        else:
-            ray.train.report(metrics)
 
-
-def _input_only_per_worker(cfg: TrainConfig, shard, normalizer: Normalizer, per_worker: int, size: int,
-                           device: torch.device, world: int) -> None:
+def _input_only_per_worker(cfg: TrainConfig, stream, normalizer: Normalizer, device: torch.device,
+                           world: int) -> None:
     """--input-only: the epochs of the training input alone, measured as the model would receive it."""
     import ray.train
 
-    for epoch in range(cfg.epochs):
-        t = train_epoch(None, None, epoch_batches(shard, cfg, per_worker, size, device), normalizer, cfg, device)
-        n, damaged, waited, busy, first = _all_reduce(
-            [t["n"], t["damaged"], t["waited"], t["seconds"], t["first_batch_s"]], device)
-        ray.train.report({"epoch": epoch + 1, "train/images": n, "train/damaged_images": damaged,
-                          "images_per_s": n / t["seconds"], "data_wait_frac": waited / busy,
-                          "epoch_seconds": t["seconds"], "first_batch_s": first / world})
+    try:
+        for epoch in range(cfg.epochs):
+            t = train_epoch(None, None, stream.epoch(epoch), normalizer, cfg, device)
+            n, damaged, waited, busy, first = _all_reduce(
+                [t["n"], t["damaged"], t["waited"], t["seconds"], t["first_batch_s"]], device)
+            ray.train.report({"epoch": epoch + 1, "train/images": n + damaged, "train/damaged_images": damaged,
+                              "images_per_s": n / t["seconds"], "data_wait_frac": waited / busy,
+                              "epoch_seconds": t["seconds"], "first_batch_s": first / world})
+    finally:
+        stream.close()

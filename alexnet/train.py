@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 
@@ -56,7 +57,10 @@ def preflight(cfg: TrainConfig, driver_cpus: float = 0.0, log: Log = print) -> t
     init_from = resolve_init_from(cfg)
     if init_from is not None:  # fails here, before Ray starts, when the weights do not fit
         load_initial_weights(build_model(cfg, prepared.num_classes), read_state(init_from))
-    connect_ray(cfg.address, min_cpus=cfg.num_workers * cfg.cpus_per_worker + 1 + driver_cpus, log=log)
+    # A local instance: the workers' CPUs on top of the cores, so that Ray Data's decoding tasks may use every core
+    # (a worker feeding a GPU, or --input-only, leaves its own CPU idle while it waits for data)
+    connect_ray(cfg.address, min_cpus=(os.cpu_count() or 1) + cfg.num_workers * cfg.cpus_per_worker + driver_cpus,
+                log=log)
     if cfg.check_resources:
         # one CPU beyond the workers: Ray Data's decoding tasks need somewhere to run
         check_resources(per_worker_resources(cfg), cfg.num_workers, spare_cpus=1.0 + driver_cpus)
@@ -96,6 +100,7 @@ def build_trainer(cfg: TrainConfig, prepared: Prepared, run_config):
 
     from alexnet.datasets import ValSplitUnequally, build_datasets
     from alexnet.loop import train_loop_per_worker
+    from alexnet.stream import train_plan
 
     from alexnet.cluster import bound_worker_wait
 
@@ -106,11 +111,11 @@ def build_trainer(cfg: TrainConfig, prepared: Prepared, run_config):
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "num_classes": prepared.num_classes, "size": prepared.size,
                            "mean_image": prepared.mean_image, "has_val": bool(prepared.val_files),
-                           "init_from": resolve_init_from(cfg)},
+                           "init_from": resolve_init_from(cfg), "train": train_plan(prepared, cfg.num_workers)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=run_config,
-        datasets=build_datasets(cfg, prepared),
+        datasets=build_datasets(prepared),
         dataset_config=ValSplitUnequally(),
     )
 

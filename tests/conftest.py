@@ -91,7 +91,7 @@ def prepared(sample_tree, ray_cluster, mlflow_uri, tmp_path_factory) -> tuple[Pa
 
 # A small net that a CPU trains in seconds (the paper's init stalls at this width: see README).
 SMALL_TRAIN_ARGS = ["--width", "0.25", "--image-size", "64", "--init", "pytorch", "--batch-size", "32",
-                    "--lr", "0.005", "--eval-10crop-every", "0", "--shuffle-buffer", "256"]
+                    "--lr", "0.005", "--eval-10crop-every", "0"]
 
 
 @pytest.fixture

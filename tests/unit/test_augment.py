@@ -207,3 +207,14 @@ def test_444_jpegs_keep_full_colour_resolution_and_decode_on_the_cpu_path():
         (jpeg,) = _stored(1, seed=14, chroma=chroma)
         assert get_sampling(Image.open(io.BytesIO(jpeg))) == sampling
         assert decode_image(jpeg).shape == (3, SIZE, SIZE)
+
+
+def test_a_reusing_normalizer_writes_each_batch_into_the_same_floats():
+    rng = np.random.default_rng(9)
+    mean = rng.uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32)
+    batches = [torch.from_numpy(rng.integers(0, 256, (4, 3, CROP, CROP), dtype=np.uint8)) for _ in range(2)]
+    offsets, flips = torch.zeros((4, 2), dtype=torch.int64), torch.tensor([False, True, False, True])
+    fresh, reusing = Normalizer(mean, torch.device("cpu")), Normalizer(mean, torch.device("cpu"), reuse_output=True)
+    first, second = (reusing(b, offsets, flips).clone() for b in batches)
+    assert reusing(batches[0], offsets, flips).data_ptr() == reusing(batches[1], offsets, flips).data_ptr()
+    assert torch.equal(first, fresh(batches[0], offsets, flips)) and torch.equal(second, fresh(batches[1], offsets, flips))

@@ -1,0 +1,116 @@
+"""How each worker's training epochs are cut (alexnet.stream), without Ray: the row split, the read tasks, and the
+batches handed to the training loop across epoch boundaries."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from alexnet.stream import EpochStream, epoch_tasks, part, steps_per_epoch
+
+# 23 row groups of uneven sizes over 4 files: (file, index, rows, first row)
+SIZES = [37, 5, 64, 64, 1, 12, 40, 40, 40, 3, 9, 70, 18, 18, 2, 33, 61, 7, 7, 50, 11, 26, 4]
+
+
+def _groups(sizes=SIZES):
+    groups, first = [], 0
+    for k, rows in enumerate(sizes):
+        groups.append((f"part-{k % 4}.parquet", k // 4, rows, first))
+        first += rows
+    return groups, first
+
+
+def _rows(tasks) -> list[int]:
+    return [i for pieces in tasks for _, _, a, b, first in pieces for i in range(first + a, first + b)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+def test_every_row_is_read_once_per_epoch_across_the_workers(world):
+    groups, total = _groups()
+    for epoch in range(3):
+        seen = []
+        for rank in range(world):
+            rows = _rows(epoch_tasks(groups, total * 1000, seed=5, epoch=epoch, world=world, rank=rank,
+                                     task_bytes=60_000))
+            start, stop = part(total, world, rank)
+            assert len(rows) == stop - start
+            seen += rows
+        assert Counter(seen) == Counter(range(total))  # none twice, none left out
+
+
+def test_the_order_is_seeded_by_epoch_and_tasks_hold_about_task_bytes():
+    groups, total = _groups()
+    order = {e: _rows(epoch_tasks(groups, total * 1000, 5, e, 2, 0, 60_000)) for e in range(3)}
+    assert order[0] != order[1] != order[2]
+    assert order[1] == _rows(epoch_tasks(groups, total * 1000, 5, 1, 2, 0, 60_000))  # a resumed epoch: the same
+    assert order[1] != _rows(epoch_tasks(groups, total * 1000, 6, 1, 2, 0, 60_000))  # another seed: another
+    tasks = epoch_tasks(groups, total * 1000, 5, 0, 2, 0, 60_000)
+    sizes = [sum(b - a for _, _, a, b, _ in pieces) for pieces in tasks]
+    assert len(tasks) == 6 and max(sizes) - min(sizes) <= 1  # 311 rows x 1000 bytes in tasks of <= 60 kB
+
+
+def test_a_part_ends_inside_a_row_group():
+    groups, total = _groups([10, 10])
+    first = epoch_tasks(groups, 20, 0, 0, 3, 0, 1 << 20)
+    second = epoch_tasks(groups, 20, 0, 0, 3, 1, 1 << 20)
+    assert [(a, b) for _, _, a, b, _ in first[0]] == [(0, 7)]
+    assert [(a, b) for _, _, a, b, _ in second[0]] == [(7, 10), (0, 4)]
+
+
+def _blocks(epochs: dict[int, list[int]], block: int, mixed: bool = False):
+    """A worker's stream: each epoch's rows in blocks of `block` rows; `mixed` lets each epoch's last block arrive
+    after the next epoch's first and puts the two in one block, as out-of-order read tasks would."""
+    out = []
+    for e, rows in epochs.items():
+        out += [{"row": torch.tensor(rows[i:i + block]), "epoch": torch.full((len(rows[i:i + block]),), e)}
+                for i in range(0, len(rows), block)]
+    if mixed:
+        for k in range(len(out) - 1, 0, -1):
+            if out[k]["epoch"][0] != out[k - 1]["epoch"][0]:
+                last, first = out[k - 1], out[k]
+                out[k - 1] = {key: torch.cat([first[key], last[key]]) for key in first}
+                del out[k]
+    return out
+
+
+@pytest.mark.parametrize("total,world,batch", [(200, 2, 32), (65, 2, 32), (64, 2, 32), (129, 2, 64), (7, 3, 2),
+                                               (100, 1, 100), (101, 1, 100), (5, 5, 8)])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_every_worker_takes_the_same_steps_and_no_row_is_dropped(total, world, batch, mixed):
+    steps = steps_per_epoch(total, world, batch)
+    for rank in range(world):
+        start, stop = part(total, world, rank)
+        epochs = {e: list(np.random.default_rng(e).permutation(np.arange(start, stop))) for e in range(3)}
+        stream = EpochStream(lambda: iter(_blocks(epochs, 7, mixed)), stop - start, steps, batch)
+        for e in range(3):
+            got = list(stream.epoch(e))
+            sizes = [len(b["row"]) for b in got]
+            assert len(sizes) == steps and all(s == batch for s in sizes[:-1]) and 1 <= sizes[-1] <= batch + 1
+            assert all((b["epoch"] == e).all() for b in got)  # no row of another epoch crosses the boundary
+            assert torch.cat([b["row"] for b in got]).tolist() == epochs[e] or mixed
+            assert sorted(torch.cat([b["row"] for b in got]).tolist()) == sorted(epochs[e])
+        stream.close()
+
+
+def test_a_stream_that_ends_early_or_gives_too_much_is_named():
+    short = EpochStream(lambda: iter(_blocks({0: list(range(10))}, 4)), rows=12, steps=2, batch_size=6)
+    with pytest.raises(RuntimeError, match="epoch 1: the training input ended early"):
+        list(short.epoch(0))
+    long = EpochStream(lambda: iter(_blocks({0: list(range(14))}, 14)), rows=12, steps=2, batch_size=6)
+    with pytest.raises(RuntimeError, match="gave 2 rows more than this worker's 12"):
+        list(long.epoch(0))
+
+
+def test_the_stream_is_started_once_and_read_across_epochs():
+    starts = []
+
+    def blocks():
+        starts.append(1)
+        return iter(_blocks({0: list(range(10)), 1: list(range(10, 20))}, 10))
+
+    stream = EpochStream(blocks, rows=10, steps=2, batch_size=5, finish=lambda b: b | {"finished": True})
+    assert [b["row"].tolist() for b in stream.epoch(0)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert all(b["finished"] for b in stream.epoch(1)) and starts == [1]
