@@ -168,7 +168,7 @@ def finished_member(cfg: TrainConfig) -> dict | None:
     return {"mlflow_run_id": run.info.run_id, "run_name": cfg.run_name, "resumed": False, "left_as_it_is": True,
             "model_uri": run.data.tags.get("model_uri", "(see the run's logged model)"),
             "val/top1_err_best": run.data.metrics.get("val/top1_err_best", math.nan),
-            "best_epoch": min(errors, key=lambda e: e[1])[0] if errors else max(epochs),
+            "best_epoch": min(errors, key=lambda e: (e[1], -e[0]))[0] if errors else max(epochs),
             "final_metrics": {}, "checkpoint": run.data.tags.get("best_checkpoint")}
 
 
@@ -209,8 +209,9 @@ def run_training(cfg: TrainConfig, log: Log = print, tags: dict[str, str] | None
         raise
     if cfg.input_only:
         return input_summary(runs, run_id, name, Outbox(runs, run_id, folder, log))
+    # the lowest val/top1_err; of equal ones the latest epoch (Ray keeps the latest checkpoint, not every tie)
     best = min(result.best_checkpoints or [(result.checkpoint, {})],
-               key=lambda pair: pair[1].get("val/top1_err", math.inf))[0]
+               key=lambda pair: (pair[1].get("val/top1_err", math.inf), -pair[1].get("epoch", 0)))[0]
     if best is None:
         raise RuntimeError("the run finished without a checkpoint")
     state = load_checkpoint_state(best)

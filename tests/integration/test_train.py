@@ -78,7 +78,7 @@ def test_two_cpu_workers_learn_and_log_everything(learnable, small_args, mlflow_
     for n in (1, 3, 5):
         assert tuple(model(torch.zeros(n, 3, 64, 64)).shape) == (n, 4)
     # named for what it is (the run's best epoch), carrying that epoch's metrics, registered as asked
-    best_epoch, best_err = min(val, key=lambda e: e[1])
+    best_epoch, best_err = min(val, key=lambda e: (e[1], -e[0]))  # of equal errors, the latest epoch
     assert logged.name == f"learns-epoch{best_epoch}"
     linked = {m.key: (m.step, m.value) for m in logged.metrics}
     assert linked["val/top1_err"] == (best_epoch, best_err)
