@@ -104,8 +104,6 @@ def test_ensembles_equal_numpy_averaging_of_the_stored_outputs(members, learnabl
         single = runs[(1, mode)].data.metrics
         assert single["val/top1_err"] == pytest.approx(np.mean(alone), abs=1e-6)
         assert single["val/top1_err_best"] == pytest.approx(min(alone), abs=1e-6)
-        # the ensemble of all three is no worse than its average member
-        assert runs[(3, mode)].data.metrics["val/top1_err"] <= np.mean(alone) + 1e-6
         # the stored softmax is the model's own: recompute one member's centre outputs in-process
         if mode == "center":
             _check_against_the_model(members[0], prepared, stored[members[0]])
