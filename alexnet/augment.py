@@ -11,6 +11,8 @@ scaled to [0, 1], so the lighting offset is multiplied by 255 here.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import simplejpeg
 import torch
@@ -40,15 +42,19 @@ def decode_images(jpegs) -> np.ndarray:
     return np.stack([decode_image(b) for b in jpegs])
 
 
+def _decode_or_none(jpeg, size: int | None) -> np.ndarray | None:
+    """(S, S, 3), or None where the stored image does not decode (to S x S, where `size` is given)."""
+    try:
+        image = decode_hwc(jpeg)
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    return image if size is None or image.shape == (size, size, 3) else None
+
+
 def _decode_all(jpegs, size: int | None) -> tuple[list[np.ndarray | None], int]:
     """Each stored image as (S, S, 3), or None where it does not decode to S x S; S: `size`, else that of the
     first image that decodes."""
-    images: list[np.ndarray | None] = []
-    for jpeg in jpegs:
-        try:
-            images.append(decode_hwc(jpeg))
-        except (RuntimeError, ValueError, TypeError):
-            images.append(None)
+    images = [_decode_or_none(jpeg, None) for jpeg in jpegs]
     size = size or next((im.shape[0] for im in images if im is not None), 1)
     return [im if im is not None and im.shape == (size, size, 3) else None for im in images], size
 
@@ -84,20 +90,40 @@ def draw_augmentation(n: int, size: int, crop: int, eigenvalues: np.ndarray, eig
 
 def train_batch(batch: dict, *, crop: int, eigenvalues: np.ndarray, eigenvectors: np.ndarray,
                 sigma: float, size: int | None = None, rng: np.random.Generator | None = None) -> dict:
-    """--decode cpu, in Ray Data's read tasks: stored JPEGs -> random crops, flips and lighting offsets (and
-    `valid`, see decode_checked). Each patch goes from the decoded image straight into the batch, mirrored and
-    channels-first in the same copy."""
-    images, size = _decode_all(batch["image"], size)
-    n = len(images)
-    draws = draw_augmentation(n, size, crop, eigenvalues, eigenvectors, sigma, rng)
-    out = np.zeros((n, 3, crop, crop), np.uint8)
-    for i, im in enumerate(images):
-        if im is not None:
-            y, x = draws["offset"][i]
-            patch = im[y:y + crop, x:x + crop]
-            out[i] = (patch[:, ::-1] if draws["flip"][i] else patch).transpose(2, 0, 1)
-    valid = np.array([im is not None for im in images], dtype=bool)
+    """--decode cpu, in Ray Data's read tasks: stored JPEGs -> random (N, crop, crop, 3) patches, flipped where
+    `flip`, lighting offsets (and `valid`, see decode_checked).
+
+    Patches stay channels-last, as decoded: each is one contiguous copy out of its image, made while the image
+    is still in the cache (a channels-first copy cost 4x as much, 0.12 ms an image of the read task's 0.6 ms,
+    measured here). The worker views them as (N, 3, crop, crop) with channels-last strides (`patches_nchw`).
+    """
+    n = len(batch["image"])
+    images = iter(batch["image"])
+    first: list[np.ndarray | None] = []
+    if size is None:  # the first image that decodes sets S
+        for jpeg in images:
+            first.append(_decode_or_none(jpeg, None))
+            if first[-1] is not None:
+                size = first[-1].shape[0]
+                break
+    draws = draw_augmentation(n, size or crop, crop, eigenvalues, eigenvectors, sigma, rng)
+    out = np.empty((n, crop, crop, 3), np.uint8)
+    patches, valid = torch.from_numpy(out), np.ones(n, dtype=bool)
+    for i, im in enumerate(itertools.chain(first, (_decode_or_none(jpeg, size) for jpeg in images))):
+        if im is None or im.shape != (size, size, 3):
+            out[i], valid[i] = 0, False
+            continue
+        y, x = draws["offset"][i]
+        if draws["flip"][i]:  # torch's flip kernel: numpy's reversed 3-byte pixels cost 7x a plain copy here
+            patches[i] = torch.from_numpy(im[y:y + crop, x:x + crop]).flip(1)
+        else:
+            out[i] = im[y:y + crop, x:x + crop]
     return {"image": out, **draws, "label": np.asarray(batch["label"], np.int64), "valid": valid}
+
+
+def patches_nchw(images: torch.Tensor) -> torch.Tensor:
+    """train_batch's (N, c, c, 3) patches as the model's (N, 3, c, c), a view (channels-last strides)."""
+    return images.permute(0, 3, 1, 2)
 
 
 def train_draws(batch: dict, *, crop: int, eigenvalues: np.ndarray, eigenvectors: np.ndarray,
@@ -196,14 +222,15 @@ class Normalizer:
 
     def __call__(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
                  light: torch.Tensor | None = None) -> torch.Tensor:
-        """images (N, 3, c, c) uint8 already cropped at offsets (N, 2) and flipped where flips (N,)."""
+        """images (N, 3, c, c) uint8 (any strides) already cropped at offsets (N, 2) and flipped where flips (N,).
+        The output is contiguous, or channels-last with `channels_last`, whatever the input's layout."""
         images = images.to(self.device, non_blocking=True)
         x = self._minus_mean(images, offsets, flips)
         if light is not None:
             x.add_(light.to(self.device, non_blocking=True)[:, :, None, None])
         if self.scale != 1.0:
             x.mul_(self.scale)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def _minus_mean(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """images - the mean image at each one's offset and flip, as float32.

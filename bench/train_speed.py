@@ -100,7 +100,7 @@ class _Rows(torch.utils.data.Dataset):
 
 def plain_loop(prepared, width: float, crop: int, epochs: int, batch: int) -> float:
     """Best per-epoch images/s of a plain PyTorch loop: DataLoader(num_workers=2) + train.py's own step."""
-    from alexnet.augment import Normalizer
+    from alexnet.augment import Normalizer, patches_nchw
     from alexnet.config import TrainConfig
     from alexnet.model import build_model
     from alexnet.optim import build_optimizer
@@ -115,7 +115,8 @@ def plain_loop(prepared, width: float, crop: int, epochs: int, batch: int) -> fl
     normalizer = Normalizer(prepared.mean_image, torch.device("cpu"))
     rates = []
     for _ in range(epochs):
-        t = train_epoch(model, opt, loader, normalizer, cfg, torch.device("cpu"))
+        batches = (b | {"image": patches_nchw(b["image"])} for b in loader)  # as the stream gives them
+        t = train_epoch(model, opt, batches, normalizer, cfg, torch.device("cpu"))
         rates.append(t["n"] / t["seconds"])
     return max(rates[1:])
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.augment import Normalizer, decode_checked, decode_image, eval_batch, eval_views, lighting, train_batch
+from alexnet.augment import (Normalizer, decode_checked, decode_image, eval_batch, eval_views, lighting, patches_nchw,
+                             train_batch)
 from alexnet.imaging import encode_jpeg
 
 SIZE, CROP = 40, 32
@@ -25,7 +26,7 @@ def test_train_batch_shapes_and_that_crops_are_flipped_patches_of_the_image():
     jpegs = _stored(64)
     out = train_batch({"image": np.array(jpegs, dtype=object), "label": np.arange(64)}, crop=CROP,
                       eigenvalues=EIGVALS, eigenvectors=EIGVECS, sigma=0.1)
-    assert out["image"].shape == (64, 3, CROP, CROP) and out["image"].dtype == np.uint8
+    assert out["image"].shape == (64, CROP, CROP, 3) and out["image"].dtype == np.uint8  # channels-last
     assert out["light"].shape == (64, 3) and out["light"].dtype == np.float32
     assert out["label"].tolist() == list(range(64))
     assert 10 < out["flip"].sum() < 54  # about half flipped
@@ -34,7 +35,7 @@ def test_train_batch_shapes_and_that_crops_are_flipped_patches_of_the_image():
     for i in range(64):
         patch = decode_image(jpegs[i])[:, ys[i]:ys[i] + CROP, xs[i]:xs[i] + CROP]
         expected = patch[:, :, ::-1] if out["flip"][i] else patch
-        np.testing.assert_array_equal(out["image"][i], expected)
+        np.testing.assert_array_equal(patches_nchw(torch.from_numpy(out["image"]))[i].numpy(), expected)
 
 
 def test_crops_are_drawn_afresh_on_every_call():
@@ -67,13 +68,14 @@ def test_normalizer_subtracts_the_mean_image_cropped_and_flipped_alike():
     out = train_batch({"image": np.array(_stored(8, seed=3), dtype=object), "label": np.zeros(8)}, crop=CROP,
                       eigenvalues=EIGVALS, eigenvectors=EIGVECS, sigma=0.1)
     x = Normalizer(mean, torch.device("cpu"), scale=0.5)(
-        torch.from_numpy(out["image"]), torch.from_numpy(out["offset"]), torch.from_numpy(out["flip"]),
+        patches_nchw(torch.from_numpy(out["image"])), torch.from_numpy(out["offset"]), torch.from_numpy(out["flip"]),
         torch.from_numpy(out["light"]))
+    assert x.shape == (8, 3, CROP, CROP) and x.is_contiguous()  # the model's layout, whatever the patches' one
     for i in range(8):
         y0, x0 = out["offset"][i]
         m = mean[y0:y0 + CROP, x0:x0 + CROP].transpose(2, 0, 1)
         m = m[:, :, ::-1] if out["flip"][i] else m
-        expected = (out["image"][i].astype(np.float32) - m + out["light"][i][:, None, None]) * 0.5
+        expected = (out["image"][i].transpose(2, 0, 1).astype(np.float32) - m + out["light"][i][:, None, None]) * 0.5
         np.testing.assert_allclose(x[i].numpy(), expected, atol=1e-4)
 
 
@@ -86,7 +88,10 @@ def test_both_mean_subtractions_agree_to_the_bit():
     offsets[:4] = torch.tensor([[0, 0], [0, SIZE - CROP], [SIZE - CROP, 0], [SIZE - CROP, SIZE - CROP]])
     flips = torch.from_numpy(rng.random(32) < 0.5)
     norm = Normalizer(mean, torch.device("cpu"))
-    assert torch.equal(norm._minus_mean_gathered(images, offsets, flips), norm._minus_mean_sliced(images, offsets, flips))
+    channels_last = images.contiguous(memory_format=torch.channels_last)  # train_batch's patches, as the worker sees them
+    for layout in (images, channels_last):
+        assert torch.equal(norm._minus_mean_gathered(layout, offsets, flips), norm._minus_mean_sliced(layout, offsets, flips))
+        assert torch.equal(norm(layout, offsets, flips), norm._minus_mean_sliced(images, offsets, flips))
 
 
 def test_stored_images_decode_to_the_same_pixels_as_pillow_and_torchvision():
