@@ -96,6 +96,10 @@ class TrainConfig(ConfigBase, ModelConfig):
                         "each worker decodes and crops its batch on its GPU", choices=("cpu", "gpu"))
     input_only: bool = field(False, help="measure the input alone: every batch reaches the worker's device as the "
                              "model would get it, then is dropped (no model, no checkpoint); logs images_per_s")
+    input_until: str = field("model", help="with --input-only: model: each batch made into the model's float input "
+                             "on the worker's device; crops: the uint8 crops on the worker's device, before the "
+                             "device-side mean subtraction and lighting (on a CPU-only machine: what its cores could "
+                             "feed a GPU worker, which does that part on the GPU)", choices=("model", "crops"))
     # speed-ups (not in the paper)
     amp: bool = field(False, help="bfloat16 autocast for the forward pass")
     channels_last: bool = field(False, help="NHWC memory format")
@@ -143,6 +147,7 @@ class TrainConfig(ConfigBase, ModelConfig):
             (not (self.arch == "owt" and self.gpus_per_worker == 2),
              "--arch owt is a single column: it cannot split over --gpus-per-worker 2 (use --arch paper)"),
             (not (self.register_model and self.input_only), "--input-only trains no model to --register-model"),
+            (self.input_only or self.input_until == "model", "--input-until measures the input: it needs --input-only"),
         ]
         for ok, message in checks:
             if not ok:

@@ -54,6 +54,14 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp)
 
 
+def model_input(batch: dict, normalizer: Normalizer, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """A training batch as the model gets it: float, minus the mean image, plus lighting, on `device`. With
+    --input-only --input-until crops: the uint8 crops on `device`, before that device-side part."""
+    if cfg.input_only and cfg.input_until == "crops":
+        return batch["image"].to(device, non_blocking=True)
+    return normalizer(batch["image"], batch["offset"], batch["flip"], batch["light"] if cfg.pca_lighting else None)
+
+
 def train_epoch(net, optimizer, batches, normalizer: Normalizer, cfg: TrainConfig, device: torch.device) -> dict:
     """One pass over this worker's shard; sums (not means) so that workers can be added up. `net` None
     (--input-only): each batch is made into the model's input on the device, then dropped."""
@@ -65,7 +73,7 @@ def train_epoch(net, optimizer, batches, normalizer: Normalizer, cfg: TrainConfi
     for batch in batches:
         waited += time.perf_counter() - ready
         first = first if first is not None else time.perf_counter() - start
-        x = normalizer(batch["image"], batch["offset"], batch["flip"], batch["light"] if cfg.pca_lighting else None)
+        x = model_input(batch, normalizer, cfg, device)
         y = batch["label"].to(device, non_blocking=True)
         valid = batch["valid"].to(device, non_blocking=True).double()  # damaged stored images: masked out
         if net is None:

@@ -8,6 +8,7 @@ the same cores, on the same stored JPEGs.
                can be more than the pipeline makes)
 
     python bench/input_speed.py [--images 16000] [--workdir bench/out] [--decode cpu] [-- EXTRA TRAIN FLAGS]
+    python bench/input_speed.py -- --input-until crops    the uint8 crops on the worker, as a GPU worker gets them
 The generated tree and its 256 px preprocessing output are kept in --workdir and reused.
 """
 

@@ -339,6 +339,14 @@ def test_input_only_measures_the_input_as_the_model_gets_it_and_trains_nothing(l
     assert not list(storage.glob("input/checkpoint_*"))
     assert not client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                            filter_string=f"source_run_id = '{run_id}'")
+    assert run.data.params["input_until"] == "model"
+    # the uint8 crops on the worker's device, without the device-side normalisation: every image, once an epoch
+    crops_argv = [*argv, "--input-until", "crops"]
+    crops_argv[argv.index("--epochs") + 1], crops_argv[argv.index("--run-name") + 1] = "1", "input-crops"
+    assert cli.main(crops_argv) == 0
+    crops_id = _run_id(mlflow_uri, "input-crops")
+    assert client.get_run(crops_id).data.params["input_until"] == "crops"
+    assert _history(mlflow_uri, crops_id, "train/images") == [(1, 200.0)]
 
 
 def test_the_console_shows_the_projects_lines_and_verbose_brings_rays_back(learnable, small_args, mlflow_uri,

@@ -104,6 +104,8 @@ def test_resume_needs_a_name_and_the_retrain_command_lists_what_differs():
         SweepConfig.from_dict({"data": "d", "register_model": "m"})
     with pytest.raises(UsageError, match="--input-only trains no model"):
         TrainConfig.from_dict({"data": "d", "register_model": "m", "input_only": True})
+    with pytest.raises(UsageError, match="--input-until measures the input: it needs --input-only"):
+        TrainConfig.from_dict({"data": "d", "input_until": "crops"})
 
 
 def test_a_training_config_is_the_models_config_and_its_flags_build_the_net(capsys):

@@ -96,3 +96,21 @@ def test_towers_on_two_cuda_devices_learn(amp, channels_last, compile):
     before, stats, after = _run(devices, amp, channels_last, compile)
     assert stats[-1]["loss_sum"] / stats[-1]["n"] < stats[0]["loss_sum"] / stats[0]["n"]
     assert after["top1"] >= 0.8 * 64
+
+
+def test_input_until_crops_stops_at_the_uint8_crops_and_model_makes_the_models_float_input():
+    from alexnet.loop import model_input
+
+    rng = np.random.default_rng(3)
+    mean = rng.uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32)
+    crops = torch.from_numpy(rng.integers(0, 256, (4, CROP, CROP, 3), dtype=np.uint8)).permute(0, 3, 1, 2)
+    batch = {"image": crops, "offset": torch.zeros((4, 2), dtype=torch.int64), "flip": torch.zeros(4, dtype=torch.bool),
+             "light": torch.full((4, 3), 2.0)}
+    norm = Normalizer(mean, torch.device("cpu"))
+    until_crops = TrainConfig(data="d", image_size=CROP, input_only=True, input_until="crops")
+    as_crops = model_input(batch, norm, until_crops, torch.device("cpu"))
+    assert as_crops.dtype == torch.uint8 and torch.equal(as_crops, crops)
+    for cfg in (TrainConfig(data="d", image_size=CROP, input_only=True), TrainConfig(data="d", image_size=CROP)):
+        as_model = model_input(batch, norm, cfg, torch.device("cpu"))
+        expected = crops.float() - torch.from_numpy(mean[:CROP, :CROP].transpose(2, 0, 1)) + 2.0
+        assert as_model.dtype == torch.float32 and torch.allclose(as_model, expected)
