@@ -87,15 +87,17 @@ def epoch_tasks(groups: list[Group], stored_bytes: int, seed: int, epoch: int, w
 
 
 def read_task(batch: dict, *, groups: list[Group], stored_bytes: int, seed: int, world: int, rank: int,
-              task_bytes: int, decode: str, augment: dict) -> Iterator[dict]:
-    """Ray Data map_batches, one read task a call: its row pieces read, shuffled, decoded and augmented."""
+              task_bytes: int, decode: str, augment: dict, block_bytes: int = BLOCK_BYTES) -> Iterator[dict]:
+    """Ray Data map_batches, one read task a call: its row pieces read, shuffled, decoded and augmented.
+
+    Each output holds a little over `block_bytes` of patches (of JPEG bytes with --decode gpu), so that Ray Data
+    emits it as one block of one piece (it emits a block once it holds more than its target size). Blocks of
+    many small outputs were copied into one array again on the worker: 11% of its time, measured with py-spy.
+    """
     transform = train_draws if decode == "gpu" else train_batch
-    # Rows per output: a little over one output block, so that each becomes one block of one piece (Ray Data
-    # emits a block once it holds more than BLOCK_BYTES). Blocks of many small outputs were copied into one
-    # array again on the worker: 11% of its time, measured with py-spy.
     total = sum(g[2] for g in groups)
     per_row = stored_bytes / max(total, 1) if decode == "gpu" else 3 * augment["crop"] ** 2
-    step = BLOCK_BYTES // max(int(per_row), 1) + 1
+    step = block_bytes // max(int(per_row), 1) + 1
     for epoch, task in zip(batch["epoch"].tolist(), batch["task"].tolist()):
         pieces = epoch_tasks(groups, stored_bytes, seed, epoch, world, rank, task_bytes)[task]
         rng = np.random.default_rng([seed, epoch, rank, task])

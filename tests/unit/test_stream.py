@@ -114,3 +114,42 @@ def test_the_stream_is_started_once_and_read_across_epochs():
     stream = EpochStream(blocks, rows=10, steps=2, batch_size=5, finish=lambda b: b | {"finished": True})
     assert [b["row"].tolist() for b in stream.epoch(0)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     assert all(b["finished"] for b in stream.epoch(1)) and starts == [1]
+
+
+@pytest.mark.parametrize("decode", ["cpu", pytest.param("gpu", id="jpeg-bytes")])  # runs without a GPU
+def test_a_read_task_gives_each_of_its_rows_once_in_block_sized_outputs(tmp_path, decode):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alexnet.augment import decode_hwc
+    from alexnet.imaging import encode_jpeg
+    from alexnet.stream import read_task, row_groups
+
+    size, crop, rng = 20, 16, np.random.default_rng(0)
+    files = []
+    for k, rows in enumerate((13, 8)):  # two shards, row groups of 5 rows
+        jpegs = [encode_jpeg(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), 95) for _ in range(rows)]
+        files.append(str(tmp_path / f"train-{k}.parquet"))
+        pq.write_table(pa.table({"image": jpegs, "label": list(range(k * 100, k * 100 + rows))}), files[-1],
+                       row_group_size=5)
+    groups, stored = row_groups(files)
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    per_row = stored / table.num_rows if decode == "gpu" else 3 * crop ** 2
+    block = int(4 * per_row)  # 5 rows an output: the first count over the block
+    augment = dict(crop=crop, eigenvalues=np.ones(3), eigenvectors=np.eye(3), sigma=0.1, size=size)
+    kwargs = dict(groups=groups, stored_bytes=stored, seed=1, world=1, rank=0, task_bytes=stored, decode=decode,
+                  augment=augment, block_bytes=block)
+    outs = list(read_task({"epoch": np.array([2]), "task": np.array([0])}, **kwargs))
+    assert [len(o["row"]) for o in outs] == [5, 5, 5, 5, 1]  # each output but the last: just over one block
+    rows = np.concatenate([o["row"] for o in outs])
+    assert sorted(rows.tolist()) == list(range(21)) and rows.tolist() != list(range(21))  # all, once, shuffled
+    for o in outs:
+        assert (o["epoch"] == 2).all()
+        np.testing.assert_array_equal(o["label"], [table["label"][int(r)].as_py() for r in o["row"]])
+        if decode == "gpu":  # the stored bytes, untouched
+            assert list(o["jpeg"]) == [table["image"][int(r)].as_py() for r in o["row"]]
+            continue
+        for i, r in enumerate(o["row"]):
+            y, x = o["offset"][i]
+            patch = decode_hwc(table["image"][int(r)].as_py())[y:y + crop, x:x + crop]
+            np.testing.assert_array_equal(o["image"][i], patch[:, ::-1] if o["flip"][i] else patch)
