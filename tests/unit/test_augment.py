@@ -80,18 +80,24 @@ def test_normalizer_subtracts_the_mean_image_cropped_and_flipped_alike():
 
 
 def test_both_mean_subtractions_agree_to_the_bit():
-    """The GPU's single gather and the CPU's per-image slices of the mean and its mirror image."""
+    """The GPU's single gather (lighting added to the whole batch after it) and the CPU's per-image slices of the
+    mean and its mirror image (each image's lighting added right after its own subtraction)."""
     rng = np.random.default_rng(6)
     mean = rng.uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32)
     images = torch.from_numpy(rng.integers(0, 256, (32, 3, CROP, CROP), dtype=np.uint8))
     offsets = torch.from_numpy(rng.integers(0, SIZE - CROP + 1, (32, 2)))
     offsets[:4] = torch.tensor([[0, 0], [0, SIZE - CROP], [SIZE - CROP, 0], [SIZE - CROP, SIZE - CROP]])
     flips = torch.from_numpy(rng.random(32) < 0.5)
+    light = torch.from_numpy(rng.normal(0, 10, (32, 3)).astype(np.float32))
     norm = Normalizer(mean, torch.device("cpu"))
     channels_last = images.contiguous(memory_format=torch.channels_last)  # train_batch's patches, as the worker sees them
     for layout in (images, channels_last):
-        assert torch.equal(norm._minus_mean_gathered(layout, offsets, flips), norm._minus_mean_sliced(layout, offsets, flips))
+        gathered = norm._minus_mean_gathered(layout, offsets, flips)
+        assert torch.equal(gathered, norm._minus_mean_sliced(layout, offsets, flips))
         assert torch.equal(norm(layout, offsets, flips), norm._minus_mean_sliced(images, offsets, flips))
+        lit = norm._minus_mean_sliced(layout, offsets, flips, light)
+        assert torch.equal(gathered + light[:, :, None, None], lit) and not torch.equal(gathered, lit)
+        assert torch.equal(norm(layout, offsets, flips, light), lit)
 
 
 def test_stored_images_decode_to_the_same_pixels_as_pillow_and_torchvision():
