@@ -3,9 +3,10 @@ the same cores, on the same stored JPEGs.
 
     limit      every stored JPEG decoded by torchvision, one process per core, bytes already in memory
     ours       pipelines/train.py --input-only --num-workers 1 (its own local Ray): 224 px crops delivered
-               to the worker's device as the model gets them, sustained over epochs 2..--epochs  target >= 0.8x
-               (images / seconds of those epochs: the input reads ahead across epochs, so one epoch's own rate
-               can be more than the pipeline makes)
+               to the worker's device as the model gets them, two ways:
+               best       the issue's measure: the best of epochs 1-3                              target >= 0.8x
+               sustained  images / seconds of epochs 2..--epochs: stricter, since the input reads ahead across
+                          epochs, so one epoch's own rate can be more than the pipeline makes
 
     python bench/input_speed.py [--images 16000] [--workdir bench/out] [--decode cpu] [-- EXTRA TRAIN FLAGS]
     python bench/input_speed.py -- --input-until crops    the uint8 crops on the worker, as a GPU worker gets them
@@ -76,7 +77,8 @@ def decode_limit(prepared_path: Path, cores: int, decoder: str = "torchvision") 
         return n / (time.perf_counter() - start)
 
 
-def ours(prepared_path: Path, workdir: Path, epochs: int, decode: str, extra: list[str]) -> tuple[float, str]:
+def ours(prepared_path: Path, workdir: Path, epochs: int, decode: str, extra: list[str]) -> tuple[float, float, str]:
+    """(sustained img/s over epochs 2.., best img/s of epochs 1-3, the run's epoch lines)."""
     argv = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--data", str(prepared_path), "--input-only",
             "--num-workers", "1", "--epochs", str(epochs), "--image-size", "224", "--decode", decode,
             "--address", "local", "--tracking-uri", f"sqlite:///{workdir / 'bench-mlflow.db'}",
@@ -85,9 +87,10 @@ def ours(prepared_path: Path, workdir: Path, epochs: int, decode: str, extra: li
     if run.returncode != 0:
         raise SystemExit(f"train.py --input-only failed ({run.returncode}):\n{run.stderr[-3000:]}")
     epochs_seen = [line for line in run.stdout.splitlines() if re.match(r"epoch \d+/\d+ +input only:", line)]
-    later = [re.search(r"input only: ([\d,]+) images .* ([\d.]+)s$", line) for line in epochs_seen[1:]]
-    images = sum(float(m.group(1).replace(",", "")) for m in later)
-    return images / sum(float(m.group(2)) for m in later), "\n".join(epochs_seen)
+    found = [re.search(r"input only: ([\d,]+) images .* ([\d.]+)s$", line) for line in epochs_seen]
+    counts = [(float(m.group(1).replace(",", "")), float(m.group(2))) for m in found]
+    sustained = sum(n for n, _ in counts[1:]) / sum(t for _, t in counts[1:])
+    return sustained, max(n / t for n, t in counts[:3]), "\n".join(epochs_seen)
 
 
 def main() -> None:
@@ -105,16 +108,17 @@ def main() -> None:
     # within minutes (measured), as much as the differences looked for.
     before = decode_limit(prepared, args.cores)
     ours_alone = decode_limit(prepared, args.cores, "ours")
-    rate, lines = ours(prepared, args.workdir.resolve(), args.epochs, args.decode, args.extra)
+    rate, best, lines = ours(prepared, args.workdir.resolve(), args.epochs, args.decode, args.extra)
     after = decode_limit(prepared, args.cores)
     limit = (before + after) / 2
     print(lines)
     print(json.dumps({"images": args.images, "cores": args.cores, "decode_limit_img_s": round(limit),
                       "limit_before_after": [round(before), round(after)], "simplejpeg_decode_img_s": round(ours_alone),
-                      "input_only_img_s": round(rate), "ratio": round(rate / limit, 3)}))
+                      "input_only_img_s": round(rate), "ratio": round(rate / limit, 3),
+                      "best_epoch_img_s": round(best), "best_epoch_ratio": round(best / limit, 3)}))
     print(f"decode-only limit {limit:,.0f} img/s ({args.cores} processes; {before:,.0f} before, {after:,.0f} after); "
-          f"train.py --input-only {rate:,.0f} img/s = {rate / limit:.2f}x  (target >= 0.8x); this project's decoder "
-          f"alone: {ours_alone:,.0f} img/s")
+          f"train.py --input-only: best of epochs 1-3 {best:,.0f} img/s = {best / limit:.2f}x (target >= 0.8x), "
+          f"sustained {rate:,.0f} img/s = {rate / limit:.2f}x; this project's decoder alone: {ours_alone:,.0f} img/s")
 
 
 if __name__ == "__main__":
