@@ -107,12 +107,27 @@ def read_task(batch: dict, *, groups: list[Group], stored_bytes: int, seed: int,
             ids.append(np.arange(first + a, first + b))
         table = pa.concat_tables(tables)
         order = rng.permutation(table.num_rows)
-        images = table.column("image").to_numpy(zero_copy_only=False)[order]
+        stored = table.column("image")
+        images = (stored.to_numpy(zero_copy_only=False) if decode == "gpu" else jpeg_views(stored))[order]
         labels = table.column("label").to_numpy()[order]
         rows = np.concatenate(ids)[order]
         for s in range(0, len(order), step):
             out = transform({"image": images[s:s + step], "label": labels[s:s + step]}, rng=rng, **augment)
             yield out | {"row": rows[s:s + step], "epoch": np.full(len(out["label"]), epoch, np.int32)}
+
+
+def jpeg_views(column: pa.ChunkedArray) -> np.ndarray:
+    """A binary column's values as uint8 views of its Arrow buffers, no copy: what the CPU decoder reads. Its
+    `to_numpy` makes a bytes object of each, in fresh memory: 7% of a read task's time (py-spy, here)."""
+    views = []
+    for chunk in column.chunks:
+        width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offsets = np.frombuffer(chunk.buffers()[1], width)[chunk.offset:chunk.offset + len(chunk) + 1].tolist()
+        data = np.frombuffer(chunk.buffers()[2] or b"", np.uint8)
+        views += [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    out = np.empty(len(views), object)
+    out[:] = views
+    return out
 
 
 def worker_dataset(groups: list[Group], stored_bytes: int, epochs: range, *, seed: int, world: int, rank: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -153,3 +154,14 @@ def test_a_read_task_gives_each_of_its_rows_once_in_block_sized_outputs(tmp_path
             y, x = o["offset"][i]
             patch = decode_hwc(table["image"][int(r)].as_py())[y:y + crop, x:x + crop]
             np.testing.assert_array_equal(o["image"][i], patch[:, ::-1] if o["flip"][i] else patch)
+
+
+@pytest.mark.parametrize("kind", [pa.binary(), pa.large_binary()], ids=["binary", "large_binary"])
+def test_jpeg_views_are_each_stored_value_in_order_from_sliced_chunks(kind):
+    from alexnet.stream import jpeg_views
+
+    values = [bytes([i]) * (i % 7) for i in range(40)]  # empty values too
+    chunks = [pa.array(values[:25], kind).slice(3, 20), pa.array(values[25:], kind), pa.array([], kind)]
+    views = jpeg_views(pa.chunked_array(chunks, kind))
+    assert [bytes(v) for v in views] == values[3:23] + values[25:]
+    assert all(v.dtype == np.uint8 and v.ndim == 1 for v in views)
