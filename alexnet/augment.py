@@ -16,7 +16,6 @@ import itertools
 import numpy as np
 import simplejpeg
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 # The paper's 10 test patches: four corners and the centre, each also flipped.
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
@@ -137,6 +136,10 @@ def train_draws(batch: dict, *, crop: int, eigenvalues: np.ndarray, eigenvectors
 def decode_on_device(jpegs, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored JPEG bytes -> ((N, 3, S, S) uint8, (N,) bool valid), decoded on `device` (nvJPEG for a whole batch
     in one call); an image that does not decode to S x S is zeros, marked invalid, as in decode_checked."""
+    # here, not at the top: torchvision's import (1.5 s on a core here, torch._dynamo through torchvision.ops) is
+    # paid by every fresh process that runs a read task, before the first batch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
     try:
         images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
