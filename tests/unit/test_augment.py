@@ -147,18 +147,20 @@ def test_eval_view_equals_cropping_by_hand():
 @pytest.mark.parametrize("first_damaged", [False, True])
 def test_a_damaged_stored_image_is_marked_invalid_and_the_rest_decode_as_always(first_damaged):
     good = _stored(3, seed=8)
-    wrong_size = encode_jpeg(np.zeros((SIZE + 8, SIZE, 3), np.uint8), 95)
-    damaged = [good[0][: len(good[0]) // 3], b"not a jpeg", wrong_size]
+    larger, smaller = (encode_jpeg(np.zeros((SIZE + d, SIZE, 3), np.uint8), 95) for d in (8, -8))
+    damaged = [good[0][: len(good[0]) // 3], b"not a jpeg", larger, smaller]
     jpegs = (damaged + good) if first_damaged else (good + damaged)
-    batch = {"image": np.array(jpegs, dtype=object), "label": np.arange(6)}
+    batch = {"image": np.array(jpegs, dtype=object), "label": np.arange(7)}
     ev = eval_batch(batch, size=SIZE)
     tr = train_batch(batch, crop=CROP, eigenvalues=EIGVALS, eigenvectors=EIGVECS, sigma=0.1, size=SIZE)
-    bad = np.array([True] * 3 + [False] * 3) if first_damaged else np.array([False] * 3 + [True] * 3)
+    bad = np.array([True] * 4 + [False] * 3) if first_damaged else np.array([False] * 3 + [True] * 4)
     for out in (ev, tr):
         np.testing.assert_array_equal(out["valid"], ~bad)
-        assert len(out["image"]) == len(out["label"]) == 6  # the batch keeps its rows
+        assert len(out["image"]) == len(out["label"]) == 7  # the batch keeps its rows
         assert not out["image"][bad].any()
     np.testing.assert_array_equal(ev["image"][~bad], np.stack([decode_image(b) for b in good]))
+    np.testing.assert_array_equal(patches_nchw(torch.from_numpy(tr["image"][~bad])).numpy(),
+                                  _cpu_crops(good, {"offset": tr["offset"][~bad], "flip": tr["flip"][~bad]}))
 
 
 def _gpu_path_batch(jpegs: list[bytes]) -> dict:
