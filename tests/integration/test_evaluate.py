@@ -121,7 +121,7 @@ def test_ensembles_equal_numpy_averaging_of_the_stored_outputs(members, learnabl
     assert "| 3 CNNs | 10crop |" in parent.data.tags["mlflow.note.content"]
     assert "largest/10crop/top1_err" in parent.data.metrics
     assert not names_in_two_places(parent) and parent.data.params["member_count"] == "3"
-    assert f"/#/compare-runs?runs=[" in out and parent.info.run_id in out
+    assert "/#/compare-runs?runs=[" in out and parent.info.run_id in out
     page = Path(client.download_artifacts(parent.info.run_id, "evaluate/ensembles.html", str(tmp_path))).read_text()
     assert page.startswith("<!DOCTYPE html>") and "<meta charset='utf-8'>" in page
     _check_figure4(parent, prepared, client, tmp_path)

@@ -325,7 +325,7 @@ def test_input_only_measures_the_input_as_the_model_gets_it_and_trains_nothing(l
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     run_id = _run_id(mlflow_uri, "input")
-    assert f"input: input only: best epoch " in out and f"MLflow run id: {run_id}" in out
+    assert "input: input only: best epoch " in out and f"MLflow run id: {run_id}" in out
     client = MlflowClient(mlflow_uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "input-only"

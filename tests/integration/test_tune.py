@@ -225,7 +225,7 @@ def test_ctrl_c_on_a_sweep_kills_its_runs_exits_130_and_resume_finishes_it(learn
         proc.kill()
     assert proc.returncode == 130, (out + err)[-3000:]
     parent = _parent(mlflow_uri, "ctrl-c")
-    assert f"interrupted: sweep 'ctrl-c' stopped" in err
+    assert "interrupted: sweep 'ctrl-c' stopped" in err
     assert parent.info.status == "KILLED" and parent.data.tags["interrupted"] == "true"
     statuses = [c.info.status for c in _children(mlflow_uri, parent.info.run_id)]
     assert "RUNNING" not in statuses and "KILLED" in statuses, statuses
